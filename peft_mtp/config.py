@@ -1,0 +1,226 @@
+"""`MTPConfig`: the configuration of Multi-Token Prediction heads as a PEFT method."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from peft import LoraConfig, PeftConfig
+from peft.utils import PeftType
+from peft.utils.constants import DUMMY_TARGET_MODULES
+
+HEAD_TYPES = ("linear", "ffn", "mha_ffn", "cnn", "identical", "sequential")
+# Head types whose output at position t reads earlier positions (attention, convolution or decoder
+# layers), and therefore keep their own state when decoding.
+CONTEXTUAL_HEAD_TYPES = ("mha_ffn", "cnn", "identical", "sequential")
+HEAD_WEIGHT_SCHEDULES = ("uniform", "harmonic", "geometric")
+HEAD_INITS = ("base", "random")
+
+
+@dataclass
+class MTPConfig(PeftConfig):
+    """Configuration of Multi-Token Prediction (MTP) heads, a PEFT method.
+
+    K extra heads sit beside the model's next-token head. Head k (k = 1..K) at position t predicts
+    token t+1+k from the trunk's hidden state at t (see `peft_mtp.alignment`). The heads share the
+    model's final norm and unembedding (by default), train with the model's loss plus a weighted
+    MTP loss, and draft tokens for self-speculative decoding.
+
+    > Parameters that control the heads
+
+    Args:
+        num_heads (`int`, *optional*, defaults to `4`):
+            Number of extra heads K. Head k predicts k tokens beyond the next one.
+        head_type (`str`, *optional*, defaults to `"ffn"`):
+            Architecture of each head, one of `"linear"`, `"ffn"`, `"mha_ffn"`, `"cnn"`, `"identical"`,
+            `"sequential"`. See docs/head_types.md for what each costs and when to use it.
+        num_layers (`int`, *optional*, defaults to `1`):
+            Layers per head: residual blocks for `ffn`, `mha_ffn` and `cnn`, stacked maps for `linear`,
+            decoder layers of the base model's own class for `identical` and `sequential`.
+        head_init (`str`, *optional*, defaults to `"base"`):
+            `"base"` starts every head from the base model: residual blocks are zero-initialised and
+            linear maps start at the identity (so a new head predicts what the next-token head
+            predicts), and decoder layers are copied from the trunk's last layers. `"random"` uses the
+            base model's `initializer_range` for every head weight.
+        share_unembedding (`bool`, *optional*, defaults to `True`):
+            Whether heads use the base model's frozen unembedding (`lm_head`). If `False`, every head
+            gets its own trainable copy of it, which is saved with the adapter (vocab x hidden
+            parameters per head).
+        head_dropout (`float`, *optional*, defaults to `0.0`):
+            Dropout on the input of each head's blocks during training.
+        cnn_kernel_size (`int`, *optional*, defaults to `4`):
+            Width of the causal convolution of `cnn` heads (how many positions up to t it reads).
+        mha_num_attention_heads (`int`, *optional*):
+            Attention heads of `mha_ffn` heads. Defaults to the base model's `num_attention_heads`
+            when it divides the hidden size, else 1.
+
+    > Parameters that control the loss
+
+    Args:
+        mtp_loss_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the MTP loss next to the next-token loss: `loss = lm_loss + mtp_loss_weight *
+            sum_k w_k * loss_k`. DeepSeek-V3 uses 0.3, then 0.1, when training the trunk jointly.
+        head_weight_schedule (`str` or `list[float]`, *optional*, defaults to `"geometric"`):
+            Relative weight w_k of head k: `"uniform"` (1), `"harmonic"` (1/k), `"geometric"`
+            (`head_weight_ratio ** k`, Medusa's choice), or an explicit list of K positive floats.
+            Weights are normalised to sum to 1.
+        head_weight_ratio (`float`, *optional*, defaults to `0.8`):
+            Ratio of the `"geometric"` schedule.
+
+    > Parameters that control the trunk
+
+    Args:
+        lora_config (`LoraConfig` or `dict`, *optional*):
+            LoRA on the trunk, trained jointly with the heads (Medusa-2 style). Without it the trunk is
+            frozen and only heads train (Medusa-1 style). Stored as a JSON-safe dict in
+            adapter_config.json and rebuilt on load.
+
+    > Filled in when the heads are attached (checked again when they are loaded)
+
+    Args:
+        base_architecture (`str`): class name of the model the heads were built for.
+        base_hidden_size (`int`): its hidden size.
+        base_vocab_size (`int`): its vocabulary size.
+    """
+
+    num_heads: int = field(default=4, metadata={"help": "Number of extra heads K; head k predicts token t+1+k."})
+    head_type: str = field(
+        default="ffn",
+        metadata={"help": "Head architecture. `sequential` and `identical` accept most drafts, `ffn` is cheapest.",
+                  "choices": list(HEAD_TYPES)},
+    )
+    num_layers: int = field(default=1, metadata={"help": "Blocks or decoder layers per head. More costs more per draft."})
+    head_init: str = field(
+        default="base",
+        metadata={"help": "`base`: heads start as the model's own next-token predictor (or copies of its last "
+                          "layers). `random`: fresh weights.", "choices": list(HEAD_INITS)},
+    )
+    share_unembedding: bool = field(
+        default=True,
+        metadata={"help": "Use the base model's frozen unembedding. False gives each head a trainable copy (large)."},
+    )
+    head_dropout: float = field(default=0.0, metadata={"help": "Dropout on head inputs during training."})
+    cnn_kernel_size: int = field(default=4, metadata={"help": "Width of the causal convolution of `cnn` heads."})
+    mha_num_attention_heads: Optional[int] = field(
+        default=None, metadata={"help": "Attention heads of `mha_ffn` heads (default: the base model's)."}
+    )
+    mtp_loss_weight: float = field(
+        default=1.0, metadata={"help": "loss = lm_loss + mtp_loss_weight * weighted mean of the head losses."}
+    )
+    head_weight_schedule: Union[str, list[float]] = field(
+        default="geometric",
+        metadata={"help": "Relative weight of head k: uniform, harmonic (1/k), geometric (ratio**k) or a list of K "
+                          "floats."},
+    )
+    head_weight_ratio: float = field(default=0.8, metadata={"help": "Ratio of the geometric head weight schedule."})
+    lora_config: Optional[Union[LoraConfig, dict]] = field(
+        default=None, metadata={"help": "LoRA config for the trunk, trained jointly with the heads (optional)."}
+    )
+    base_architecture: Optional[str] = field(default=None, metadata={"help": "Filled in when heads are attached."})
+    base_hidden_size: Optional[int] = field(default=None, metadata={"help": "Filled in when heads are attached."})
+    base_vocab_size: Optional[int] = field(default=None, metadata={"help": "Filled in when heads are attached."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=DUMMY_TARGET_MODULES,
+        metadata={"help": "Internal: MTP adds modules beside the model and replaces none of its layers."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PeftType.MTP
+        if self.task_type is None:
+            self.task_type = "CAUSAL_LM"
+        self._validate()
+        if self.lora_config is not None:
+            self.lora_config = _as_lora_config(self.lora_config)
+
+    def _validate(self) -> None:
+        if str(self.task_type) != "CAUSAL_LM":
+            raise ValueError(f"`task_type` must be 'CAUSAL_LM' for MTP heads, got {self.task_type!r}.")
+        if not isinstance(self.num_heads, int) or self.num_heads < 1:
+            raise ValueError(f"`num_heads` must be an integer >= 1, got {self.num_heads!r}.")
+        if self.head_type not in HEAD_TYPES:
+            raise ValueError(f"`head_type` must be one of {HEAD_TYPES}, got {self.head_type!r}.")
+        if not isinstance(self.num_layers, int) or self.num_layers < 1:
+            raise ValueError(f"`num_layers` must be an integer >= 1, got {self.num_layers!r}.")
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"`head_init` must be one of {HEAD_INITS}, got {self.head_init!r}.")
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise ValueError(f"`head_dropout` must be in [0, 1), got {self.head_dropout!r}.")
+        if not isinstance(self.cnn_kernel_size, int) or self.cnn_kernel_size < 1:
+            raise ValueError(f"`cnn_kernel_size` must be an integer >= 1, got {self.cnn_kernel_size!r}.")
+        if self.mha_num_attention_heads is not None and self.mha_num_attention_heads < 1:
+            raise ValueError(f"`mha_num_attention_heads` must be >= 1 or None, got {self.mha_num_attention_heads!r}.")
+        if not (isinstance(self.mtp_loss_weight, (int, float)) and math.isfinite(self.mtp_loss_weight)
+                and self.mtp_loss_weight >= 0):
+            raise ValueError(f"`mtp_loss_weight` must be a finite float >= 0, got {self.mtp_loss_weight!r}.")
+        if not 0.0 < self.head_weight_ratio <= 1.0 and self.head_weight_schedule == "geometric":
+            raise ValueError(
+                f"`head_weight_ratio` must be in (0, 1] for the geometric schedule, got {self.head_weight_ratio!r}."
+            )
+        self.head_loss_weights()  # validates head_weight_schedule
+
+    def head_loss_weights(self) -> list[float]:
+        """Return the normalised weight w_k of each head's loss, for k = 1..K.
+
+        Returns:
+            K positive floats that sum to 1.
+
+        Raises:
+            ValueError: `head_weight_schedule` is unknown, or a list of the wrong length or with
+                non-positive values.
+        """
+        schedule = self.head_weight_schedule
+        ks = range(1, self.num_heads + 1)
+        if isinstance(schedule, (list, tuple)):
+            if len(schedule) != self.num_heads or not all(
+                isinstance(w, (int, float)) and math.isfinite(w) and w > 0 for w in schedule
+            ):
+                raise ValueError(
+                    f"`head_weight_schedule` as a list must hold {self.num_heads} positive floats (one per head), "
+                    f"got {schedule!r}."
+                )
+            raw = [float(w) for w in schedule]
+        elif schedule == "uniform":
+            raw = [1.0 for _ in ks]
+        elif schedule == "harmonic":
+            raw = [1.0 / k for k in ks]
+        elif schedule == "geometric":
+            raw = [self.head_weight_ratio**k for k in ks]
+        else:
+            raise ValueError(
+                f"`head_weight_schedule` must be one of {HEAD_WEIGHT_SCHEDULES} or a list of {self.num_heads} "
+                f"floats, got {schedule!r}."
+            )
+        total = sum(raw)
+        return [w / total for w in raw]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the config as a JSON-safe dict (the nested LoRA config becomes a plain dict)."""
+        output = super().to_dict()
+        if self.lora_config is not None:
+            output["lora_config"] = _lora_config_to_json(self.lora_config)
+        return output
+
+
+def _as_lora_config(value: Union[LoraConfig, dict]) -> LoraConfig:
+    if isinstance(value, LoraConfig):
+        return value
+    if isinstance(value, dict):
+        kwargs = {k: v for k, v in value.items() if k not in ("peft_type", "peft_version")}
+        return LoraConfig(**kwargs)
+    raise ValueError(
+        f"`lora_config` must be a peft.LoraConfig, a dict of its fields, or None, got {type(value).__name__}."
+    )
+
+
+def _lora_config_to_json(lora_config: LoraConfig) -> dict[str, Any]:
+    # LoraConfig.to_dict holds sets (target_modules) and enums; adapter_config.json needs plain JSON.
+    output = {}
+    for key, value in lora_config.to_dict().items():
+        if isinstance(value, set):
+            value = sorted(value)
+        elif hasattr(value, "value") and isinstance(value, str):
+            value = value.value
+        output[key] = value
+    return output

@@ -1,0 +1,363 @@
+"""The MTP head architectures, and the stack of K heads that one adapter holds.
+
+Every head maps the trunk output (the hidden state that enters the model's final norm) to a hidden
+state in the same space; the model's final norm and unembedding then turn it into logits (see
+`Trunk.logits`). Head k at position t predicts token t+1+k (`peft_mtp.alignment`) and is causal:
+parallel heads read positions <= t only; `sequential` heads also read tokens t+1..t+k, the chain
+they draft.
+
+Each head is built on its own (no module instance is shared between heads). With
+`head_init="base"`, residual blocks start at zero and maps at the identity, so a fresh head
+predicts exactly what the model's own next-token head predicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .alignment import future_tokens
+from .config import MTPConfig
+from .trunk import Trunk, call_layer
+
+
+@dataclass
+class HeadContext:
+    """What heads may read besides the trunk output, for one forward pass.
+
+    Attributes:
+        input_ids: `(B, T)` tokens of the pass (`sequential` heads embed tokens t+1..t+k from them).
+        attention_mask: optional `(B, T)` padding mask (1 = real token).
+        layer_kwargs: arguments the trunk gave its last decoder layers (see `Trunk.capture`).
+        embed: the model's token embedding function.
+    """
+
+    input_ids: Optional[torch.Tensor] = None
+    attention_mask: Optional[torch.Tensor] = None
+    layer_kwargs: list[dict[str, Any]] = field(default_factory=list)
+    embed: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+
+def _zero_(*modules: nn.Module) -> None:
+    for module in modules:
+        nn.init.zeros_(module.weight)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+
+
+def _normal_(std: float, *modules: nn.Module) -> None:
+    for module in modules:
+        nn.init.normal_(module.weight, std=std)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+
+
+class LinearHead(nn.Module):
+    """`num_layers` hidden->hidden linear maps that start at the identity."""
+
+    def __init__(self, hidden_size: int, num_layers: int, init: str, std: float):
+        super().__init__()
+        self.maps = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in range(num_layers))
+        for linear in self.maps:
+            if init == "base":
+                nn.init.eye_(linear.weight)
+                nn.init.zeros_(linear.bias)
+            else:
+                _normal_(std, linear)
+
+    def forward(self, hidden: torch.Tensor, context: HeadContext) -> torch.Tensor:
+        for linear in self.maps:
+            hidden = linear(hidden)
+        return hidden
+
+
+class ResidualFFNBlock(nn.Module):
+    """`x + SiLU(W norm(x) + b)`: Medusa's residual block, with a pre-norm for the un-normalised trunk output."""
+
+    def __init__(self, hidden_size: int, init: str, std: float, dropout: float):
+        super().__init__()
+        self.norm = nn.RMSNorm(hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(hidden_size, hidden_size)
+        # Zero weight AND bias: SiLU(0) = 0, so the block starts as the identity.
+        _zero_(self.linear) if init == "base" else _normal_(std, self.linear)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + F.silu(self.linear(self.dropout(self.norm(hidden))))
+
+
+class FFNHead(nn.Module):
+    """`num_layers` residual SiLU blocks (Medusa style)."""
+
+    def __init__(self, hidden_size: int, num_layers: int, init: str, std: float, dropout: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(ResidualFFNBlock(hidden_size, init, std, dropout) for _ in range(num_layers))
+
+    def forward(self, hidden: torch.Tensor, context: HeadContext) -> torch.Tensor:
+        for block in self.blocks:
+            hidden = block(hidden)
+        return hidden
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention with a causal mask (position t attends to positions <= t only)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, init: str, std: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.out = nn.Linear(hidden_size, hidden_size)
+        _normal_(std, self.qkv)
+        # A zero output projection makes the attention branch start at zero.
+        _zero_(self.out) if init == "base" else _normal_(std, self.out)
+
+    def forward(self, hidden: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        B, T, H = hidden.shape
+        q, k, v = self.qkv(hidden).view(B, T, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)
+        mask = torch.ones(T, T, dtype=torch.bool, device=hidden.device).tril()  # (T, T): query t sees keys <= t
+        if padding_mask is not None:
+            # Padded keys are hidden too; a query always sees itself, so no row is empty.
+            mask = mask & (padding_mask[:, None, None, :].bool() | torch.eye(T, dtype=torch.bool, device=hidden.device))
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, T, H/heads)
+        return self.out(attended.transpose(1, 2).reshape(B, T, H))
+
+
+class MHAFFNBlock(nn.Module):
+    """`x + Attn(norm(x))`, then a residual SiLU FFN; both branches start at zero with `init="base"`."""
+
+    def __init__(self, hidden_size: int, num_attention_heads: int, init: str, std: float, dropout: float):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.attn = CausalSelfAttention(hidden_size, num_attention_heads, init, std)
+        self.ffn = ResidualFFNBlock(hidden_size, init, std, dropout)
+
+    def forward(self, hidden: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        hidden = hidden + self.attn(self.dropout(self.attn_norm(hidden)), padding_mask)
+        return self.ffn(hidden)
+
+
+class MHAFFNHead(nn.Module):
+    """`num_layers` light transformer blocks: causal self-attention then a SiLU FFN."""
+
+    def __init__(self, hidden_size: int, num_layers: int, num_attention_heads: int, init: str, std: float,
+                 dropout: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            MHAFFNBlock(hidden_size, num_attention_heads, init, std, dropout) for _ in range(num_layers)
+        )
+
+    def forward(self, hidden: torch.Tensor, context: HeadContext) -> torch.Tensor:
+        for block in self.blocks:
+            hidden = block(hidden, context.attention_mask)
+        return hidden
+
+
+class CausalConvBlock(nn.Module):
+    """`x + W SiLU(conv(norm(x)))` with a depthwise 1-D convolution padded on the left only.
+
+    Left padding by `kernel_size - 1` makes output t read positions t-kernel_size+1..t: never the
+    future (a symmetric padding would let position t read t+1, the token a head predicts).
+    """
+
+    def __init__(self, hidden_size: int, kernel_size: int, init: str, std: float, dropout: float):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.norm = nn.RMSNorm(hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.conv = nn.Conv1d(hidden_size, hidden_size, kernel_size, groups=hidden_size)
+        self.out = nn.Linear(hidden_size, hidden_size)
+        _zero_(self.out) if init == "base" else _normal_(std, self.out)
+
+    def forward(self, hidden: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.dropout(self.norm(hidden))
+        if padding_mask is not None:
+            x = x * padding_mask[..., None].to(x.dtype)  # padded positions contribute nothing
+        x = F.pad(x.transpose(1, 2), (self.kernel_size - 1, 0))  # (B, H, T + kernel - 1)
+        x = self.conv(x).transpose(1, 2)  # (B, T, H)
+        return hidden + self.out(F.silu(x))
+
+
+class CNNHead(nn.Module):
+    """`num_layers` causal convolution blocks over the hidden sequence."""
+
+    def __init__(self, hidden_size: int, num_layers: int, kernel_size: int, init: str, std: float, dropout: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            CausalConvBlock(hidden_size, kernel_size, init, std, dropout) for _ in range(num_layers)
+        )
+
+    def forward(self, hidden: torch.Tensor, context: HeadContext) -> torch.Tensor:
+        for block in self.blocks:
+            hidden = block(hidden, context.attention_mask)
+        return hidden
+
+
+class DecoderLayersHead(nn.Module):
+    """`num_layers` decoder layers of the base model's own class and config (Meta's `identical` heads).
+
+    The layers run with the same masks and rotary embeddings the trunk gave its own last layers.
+    """
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, hidden: torch.Tensor, context: HeadContext) -> torch.Tensor:
+        kwargs = context.layer_kwargs[-len(self.layers):]
+        for layer, layer_kwargs in zip(self.layers, kwargs):
+            hidden = call_layer(layer, hidden, layer_kwargs)
+        return hidden
+
+
+class SequentialHead(nn.Module):
+    """One depth of a DeepSeek-V3 style chain.
+
+    Depth k combines the normalised hidden state of depth k-1 at position t with the normalised
+    embedding of token t+k through a 2H -> H projection, then runs decoder layers of the base
+    model's own class. It shares the model's embedding and unembedding.
+    """
+
+    def __init__(self, hidden_size: int, layers: list[nn.Module], init: str, std: float, eps: float):
+        super().__init__()
+        self.hidden_norm = nn.RMSNorm(hidden_size, eps=eps)
+        self.embed_norm = nn.RMSNorm(hidden_size, eps=eps)
+        self.proj = nn.Linear(2 * hidden_size, hidden_size, bias=False)
+        if init == "base":
+            # Start by passing the previous depth through: [I, 0].
+            with torch.no_grad():
+                self.proj.weight.zero_()
+                self.proj.weight[:, :hidden_size].copy_(torch.eye(hidden_size))
+        else:
+            _normal_(std, self.proj)
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, previous: torch.Tensor, token_embeds: torch.Tensor, context: HeadContext) -> torch.Tensor:
+        hidden = self.proj(torch.cat([self.hidden_norm(previous), self.embed_norm(token_embeds)], dim=-1))
+        kwargs = context.layer_kwargs[-len(self.layers):]
+        for layer, layer_kwargs in zip(self.layers, kwargs):
+            hidden = call_layer(layer, hidden, layer_kwargs)
+        return hidden
+
+
+class MTPHeadStack(nn.Module):
+    """The K heads of one adapter, plus their own unembeddings when they do not share the model's.
+
+    Args:
+        config: the adapter's `MTPConfig`.
+        trunk: the base model's `Trunk`.
+    """
+
+    def __init__(self, config: MTPConfig, trunk: Trunk):
+        super().__init__()
+        self.head_type = config.head_type
+        self.num_heads = config.num_heads
+        self.heads = nn.ModuleList(_build_head(config, trunk) for _ in range(config.num_heads))
+        self.unembeddings = None
+        if not config.share_unembedding:
+            self.unembeddings = nn.ModuleList(_copy_unembedding(trunk.unembedding) for _ in range(config.num_heads))
+
+    @property
+    def num_layer_kwargs(self) -> int:
+        """How many of the trunk's last decoder layers the heads need the call arguments of."""
+        if self.head_type in ("identical", "sequential"):
+            return len(self.heads[0].layers)
+        return 0
+
+    def forward(self, hidden: torch.Tensor, context: HeadContext) -> torch.Tensor:
+        """Run all heads on the trunk output.
+
+        Args:
+            hidden: `(B, T, H)` trunk output (before the final norm).
+            context: what heads may read besides it.
+
+        Returns:
+            `(B, T, K, H)` head outputs; `[:, t, k-1]` is head k's hidden state at t (predicts t+1+k).
+        """
+        if self.head_type != "sequential":
+            return torch.stack([head(hidden, context) for head in self.heads], dim=2)
+        if context.input_ids is None or context.embed is None:
+            raise ValueError("`sequential` heads need `input_ids` (they read tokens t+1..t+k); got inputs_embeds only.")
+        outputs, previous = [], hidden
+        for k, head in enumerate(self.heads, start=1):
+            token_embeds = context.embed(future_tokens(context.input_ids, k))  # token t+k at position t
+            previous = head(previous, token_embeds, context)
+            outputs.append(previous)
+        return torch.stack(outputs, dim=2)
+
+    def logits(self, head_hidden: torch.Tensor, trunk: Trunk) -> torch.Tensor:
+        """Logits of head outputs, with ONE unembedding matmul for all heads when they share it.
+
+        Args:
+            head_hidden: `(..., K, H)` head outputs.
+            trunk: the base model's trunk (final norm, unembedding, logit transform).
+
+        Returns:
+            `(..., K, V)` logits.
+        """
+        if self.unembeddings is None:
+            return trunk.logits(head_hidden)
+        return torch.stack(
+            [trunk.logits(head_hidden[..., k, :], unembedding) for k, unembedding in enumerate(self.unembeddings)],
+            dim=-2,
+        )
+
+    def unembedding_of(self, k: int) -> Optional[nn.Module]:
+        """Head k's own unembedding (k = 1..K), or None when heads share the model's."""
+        return None if self.unembeddings is None else self.unembeddings[k - 1]
+
+
+def _build_head(config: MTPConfig, trunk: Trunk) -> nn.Module:
+    hidden_size = trunk.hidden_size
+    std = float(getattr(trunk.config, "initializer_range", 0.02))
+    init, dropout, num_layers = config.head_init, config.head_dropout, config.num_layers
+    if config.head_type == "linear":
+        return LinearHead(hidden_size, num_layers, init, std)
+    if config.head_type == "ffn":
+        return FFNHead(hidden_size, num_layers, init, std, dropout)
+    if config.head_type == "mha_ffn":
+        return MHAFFNHead(hidden_size, num_layers, _attention_heads(config, trunk), init, std, dropout)
+    if config.head_type == "cnn":
+        return CNNHead(hidden_size, num_layers, config.cnn_kernel_size, init, std, dropout)
+    layers = trunk.copy_last_layers(num_layers)
+    if init == "random":
+        for layer in layers:
+            _reinitialise(layer, trunk)
+    if config.head_type == "identical":
+        return DecoderLayersHead(layers)
+    eps = float(getattr(trunk.config, "rms_norm_eps", None) or getattr(trunk.config, "layer_norm_eps", None) or 1e-6)
+    return SequentialHead(hidden_size, layers, init, std, eps)
+
+
+def _attention_heads(config: MTPConfig, trunk: Trunk) -> int:
+    if config.mha_num_attention_heads is not None:
+        if trunk.hidden_size % config.mha_num_attention_heads:
+            raise ValueError(
+                f"`mha_num_attention_heads`={config.mha_num_attention_heads} must divide the base model's hidden "
+                f"size {trunk.hidden_size}."
+            )
+        return config.mha_num_attention_heads
+    heads = getattr(trunk.config, "num_attention_heads", None) or 1
+    return heads if trunk.hidden_size % heads == 0 else 1
+
+
+def _reinitialise(layer: nn.Module, trunk: Trunk) -> None:
+    """Give a copied decoder layer fresh weights with the base model's own initialiser."""
+    with torch.no_grad():
+        for module in layer.modules():
+            trunk.model._init_weights(module)
+
+
+def _copy_unembedding(unembedding: nn.Module) -> nn.Linear:
+    weight = unembedding.weight
+    copy = nn.Linear(weight.shape[1], weight.shape[0], bias=getattr(unembedding, "bias", None) is not None,
+                     device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        copy.weight.copy_(weight)
+        if copy.bias is not None:
+            copy.bias.copy_(unembedding.bias)
+    return copy

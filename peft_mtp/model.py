@@ -1,0 +1,306 @@
+"""`MTPModel`: the PEFT tuner that attaches MTP heads (and optional trunk LoRA) to a causal LM.
+
+One trunk forward feeds both the model's own head and the MTP heads: `Trunk.capture` records the
+hidden state entering the final norm while the unchanged base model runs, then the heads run on it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from peft import inject_adapter_in_model
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _filter_state_dict_by_key_prefixes,
+    _get_tuner_state_dict_key_prefixes,
+)
+from peft.tuners.tuners_utils import delete_adapter as peft_delete_adapter
+from peft.tuners.tuners_utils import set_adapter as peft_set_adapter
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .config import MTPConfig
+from .heads import HeadContext, MTPHeadStack
+from .layer import MTPHeadsLayer
+from .loss import MTPLossOutput, mtp_loss
+from .trunk import Trunk
+
+
+@dataclass
+class MTPCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus what the MTP heads produced.
+
+    Attributes:
+        mtp_logits: `(B, T, K, V)` head logits when `output_mtp_logits=True`; `[:, t, k-1]` predicts
+            token t+1+k (only the positions kept by `logits_to_keep`).
+        mtp_loss: weighted MTP loss (already added to `loss`), when labels were given.
+        mtp_head_losses: `(K,)` mean cross-entropy of each head, when labels were given.
+        mtp_head_accuracies: `(K,)` top-1 accuracy of each head, when labels were given.
+    """
+
+    mtp_logits: Optional[torch.FloatTensor] = None
+    mtp_loss: Optional[torch.FloatTensor] = None
+    mtp_head_losses: Optional[torch.FloatTensor] = None
+    mtp_head_accuracies: Optional[torch.FloatTensor] = None
+
+
+class MTPModel(BaseTuner):
+    """Attaches Multi-Token Prediction heads to a causal LM. Created by `get_peft_model(model, MTPConfig(...))`.
+
+    Args:
+        model: the base causal LM.
+        config: the `MTPConfig` (or a dict of adapter name to config).
+        adapter_name: name of the first adapter.
+
+    Example:
+
+        ```py
+        >>> from peft import get_peft_model
+        >>> from peft_mtp import MTPConfig
+        >>> model = get_peft_model(base_model, MTPConfig(num_heads=4, head_type="ffn"))
+        >>> out = model(input_ids, labels=input_ids, output_mtp_logits=True)
+        >>> out.mtp_logits.shape  # (batch, seq, 4, vocab)
+        ```
+    """
+
+    prefix: str = "mtp_"
+    tuner_layer_cls = MTPHeadsLayer
+    target_module_mapping: dict[str, list[str]] = {}
+    # The heads live on the tuner, not inside the model's layers: transformers' `load_adapter` must go
+    # through PEFT's full path, or it would drop them.
+    uses_shared_state: bool = True
+
+    # ------------------------------------------------------------------------------------------
+    # Injection
+
+    def _prepare_adapter_config(self, peft_config: MTPConfig, model_config: dict) -> MTPConfig:
+        return peft_config
+
+    def _create_and_replace(self, *args, **kwargs) -> None:
+        raise RuntimeError("MTP replaces no module of the base model; this is a bug in peft_mtp.")
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        """Build the heads of `adapter_name` (and inject its trunk LoRA, if configured)."""
+        config: MTPConfig = self.peft_config[adapter_name]
+        super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict=None)
+        trunk = self.get_trunk()
+        _check_base_model_fits(config, trunk)
+        if "mtp" not in self._modules:
+            self.mtp = MTPHeadsLayer()
+        # Heads are built before the trunk LoRA, so decoder layers copied into heads carry no LoRA.
+        self.mtp.update_layer(adapter_name, config, trunk)
+        if config.lora_config is not None:
+            _inject_trunk_lora(model, config.lora_config, adapter_name, low_cpu_mem_usage)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def get_trunk(self) -> Trunk:
+        """The base model's trunk view (found once, on first use)."""
+        # A method, not a property: BaseTuner.__getattr__ would turn an AttributeError raised while
+        # probing the model into a misleading "no attribute 'trunk'".
+        trunk = self.__dict__.get("_trunk")
+        if trunk is None:
+            trunk = Trunk(self.model)
+            self.__dict__["_trunk"] = trunk  # a plain attribute: the trunk's modules belong to the model
+        return trunk
+
+    # ------------------------------------------------------------------------------------------
+    # Adapter bookkeeping: the head container sits beside the model, so PEFT's model-wide walks
+    # over `self.model` are extended to it.
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        if "mtp" in self._modules:
+            self.mtp.enable_adapters(enabled)
+
+    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"Adapter {name!r} not found; available adapters: {sorted(self.peft_config)}.")
+        peft_set_adapter(self.model, names, inference_mode=inference_mode, layer_cls=BaseTunerLayer)
+        if "mtp" in self._modules:
+            self.mtp.set_adapter(names, inference_mode=inference_mode)
+        self.active_adapter = names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} does not exist; available: {sorted(self.peft_config)}.")
+        del self.peft_config[adapter_name]
+        peft_delete_adapter(self.model, adapter_name=adapter_name, prefix=self.prefix, layer_cls=BaseTunerLayer)
+        self.mtp.delete_adapter(adapter_name)
+        self.active_adapter = self.mtp.active_adapters[:] or []
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for parameter in model.parameters():
+            parameter.requires_grad = False
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.set_adapter(module.active_adapters)
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # Head keys carry the adapter name in the middle: `base_model.mtp.mtp_heads.<name>.heads.0...`.
+        marker = f".mtp_heads.{adapter_name}."
+        if marker in key:
+            return key.replace(marker, ".mtp_heads.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        # PEFT's default mapping takes every key under the tuner's `mtp` container, which holds the
+        # heads of all adapters; map only this adapter's keys, and refuse any mismatch.
+        model_keys = _adapter_model_keys(model, adapter_name)
+        checkpoint_to_model = {cls._remove_adapter_name_from_key(key, adapter_name): key for key in model_keys}
+        remapped = {checkpoint_to_model.get(key, key): value for key, value in state_dict.items()}
+        missing, unexpected = sorted(set(model_keys) - set(remapped)), sorted(set(remapped) - set(model_keys))
+        if missing or unexpected:
+            raise ValueError(
+                f"The checkpoint of adapter {adapter_name!r} does not match its MTP config: {len(missing)} missing "
+                f"keys {missing[:4]}, {len(unexpected)} unexpected keys {unexpected[:4]}. Check that "
+                "adapter_config.json belongs to adapter_model.safetensors (same num_heads, head_type, num_layers, "
+                "share_unembedding, lora_config)."
+            )
+        return remapped
+
+    # ------------------------------------------------------------------------------------------
+    # Forward
+
+    def active_heads(self) -> Optional[MTPHeadStack]:
+        """The active adapter's head stack, or None when adapters are disabled."""
+        return self.mtp.active_stack() if "mtp" in self._modules else None
+
+    def active_config(self) -> MTPConfig:
+        """The `MTPConfig` of the active adapter."""
+        return self.peft_config[self.active_adapters[0]]
+
+    def run_heads(self, hidden: torch.Tensor, context: HeadContext) -> torch.Tensor:
+        """Run the active heads on a trunk output: `(B, T, H)` -> `(B, T, K, H)`."""
+        return self.active_heads()(hidden, context)
+
+    def forward(self, *args: Any, output_mtp_logits: bool = False, **kwargs: Any):
+        """Run the base model once and the MTP heads on its trunk output.
+
+        Args:
+            *args, **kwargs: the base model's forward arguments (`input_ids`, `attention_mask`,
+                `labels`, `position_ids`, `logits_to_keep`, ...).
+            output_mtp_logits: also return `(B, T, K, V)` head logits as `mtp_logits`.
+
+        Returns:
+            `MTPCausalLMOutputWithPast`: the model's output; with labels, `loss` is the next-token loss
+            plus `mtp_loss_weight` times the weighted head losses. With adapters disabled, the base
+            model's own output, untouched.
+        """
+        heads = self.active_heads()
+        if heads is None:
+            return self.model(*args, **kwargs)
+        labels = kwargs.get("labels")
+        with self.get_trunk().capture(num_layer_kwargs=heads.num_layer_kwargs) as captured:
+            outputs = self.model(*args, **kwargs)
+        if captured.hidden is None:
+            raise RuntimeError("The trunk's final norm did not run; MTP heads have no input.")
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        attention_mask = kwargs.get("attention_mask")
+        context = HeadContext(
+            input_ids=input_ids,
+            attention_mask=attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None,
+            layer_kwargs=captured.layer_kwargs,
+            embed=self.get_trunk().embed,
+        )
+        head_hidden = heads(captured.hidden, context)  # (B, T, K, H)
+
+        extra: dict[str, Any] = {}
+        if output_mtp_logits:
+            kept = _keep_positions(head_hidden, kwargs.get("logits_to_keep", 0))
+            extra["mtp_logits"] = heads.logits(kept, self.get_trunk())
+        if labels is not None:
+            result = self.compute_mtp_loss(head_hidden, labels, kwargs.get("position_ids"))
+            extra.update(mtp_loss=result.loss, mtp_head_losses=result.head_losses,
+                         mtp_head_accuracies=result.head_accuracies)
+            weighted = self.active_config().mtp_loss_weight * result.loss
+            extra["loss"] = weighted if outputs.get("loss") is None else outputs["loss"] + weighted
+        if isinstance(outputs, CausalLMOutputWithPast):
+            return MTPCausalLMOutputWithPast(**{**outputs, **extra})
+        for key, value in extra.items():  # another output class (e.g. a trainer's fused head): add keys
+            outputs[key] = value
+        return outputs
+
+    def compute_mtp_loss(
+        self, head_hidden: torch.Tensor, labels: torch.Tensor, position_ids: Optional[torch.Tensor] = None
+    ) -> MTPLossOutput:
+        """Weighted, chunked cross-entropy of the active heads against tokens t+1+k.
+
+        Args:
+            head_hidden: `(B, T, K, H)` head outputs.
+            labels: `(B, T)` unshifted labels (-100 = ignored).
+            position_ids: position ids of packed sequences (no target crosses a document).
+
+        Returns:
+            An `MTPLossOutput` (weighted loss, per-head losses and accuracies).
+        """
+        heads, config = self.active_heads(), self.active_config()
+
+        def head_logits(hidden: torch.Tensor, k: int) -> torch.Tensor:
+            return self.get_trunk().logits(hidden, heads.unembedding_of(k))
+
+        return mtp_loss(head_hidden, labels, head_logits, config.head_loss_weights(), position_ids)
+
+
+def _inject_trunk_lora(model: nn.Module, lora_config, adapter_name: str, low_cpu_mem_usage: bool) -> None:
+    """Inject the adapter's trunk LoRA with PEFT's public `inject_adapter_in_model`."""
+    # A LoraModel built over a model that already carries `peft_config` writes its LoraConfig into that
+    # dict, which is the MTP tuner's own: hide it for the duration, then restore it untouched.
+    saved = model.__dict__.pop("peft_config", None)
+    try:
+        inject_adapter_in_model(copy.deepcopy(lora_config), model, adapter_name=adapter_name,
+                                low_cpu_mem_usage=low_cpu_mem_usage)
+    finally:
+        model.__dict__.pop("peft_config", None)
+        if saved is not None:
+            model.peft_config = saved
+
+
+def _keep_positions(head_hidden: torch.Tensor, logits_to_keep: Union[int, torch.Tensor]) -> torch.Tensor:
+    """Select the positions transformers' `logits_to_keep` keeps (an int keeps the last n; 0 keeps all)."""
+    if isinstance(logits_to_keep, int):
+        return head_hidden if logits_to_keep == 0 else head_hidden[:, -logits_to_keep:]
+    return head_hidden[:, logits_to_keep]
+
+
+def _check_base_model_fits(config: MTPConfig, trunk: Trunk) -> None:
+    """Fill in what the heads are built for, or check it against the model they are loaded onto."""
+    actual = {
+        "base_architecture": type(trunk.model).__name__,
+        "base_hidden_size": trunk.hidden_size,
+        "base_vocab_size": trunk.vocab_size,
+    }
+    mismatches = [
+        f"{name}: heads built for {getattr(config, name)!r}, model has {value!r}"
+        for name, value in actual.items()
+        if getattr(config, name) is not None and getattr(config, name) != value
+    ]
+    if mismatches:
+        raise ValueError(
+            "These MTP heads do not fit this base model (" + "; ".join(mismatches) + "). Load them onto the model "
+            f"they were trained for ({config.base_model_name_or_path or 'see base_model_name_or_path'})."
+        )
+    for name, value in actual.items():
+        setattr(config, name, value)
+
+
+def _adapter_model_keys(model: nn.Module, adapter_name: str) -> list[str]:
+    """State-dict keys of one adapter's weights in a PeftModel: its heads and its trunk LoRA."""
+    prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+    keys = _filter_state_dict_by_key_prefixes(model.state_dict(), prefixes)
+    own_heads = f".mtp_heads.{adapter_name}."
+    return [key for key in keys if ".mtp_heads." not in key or own_heads in key]
