@@ -10,11 +10,14 @@
 from ._peft_registration import register_mtp_method
 from .alignment import head_targets, target_offset
 from .config import HEAD_TYPES, MTPConfig
+from .hub import install_hub_fix
 from .model import MTPCausalLMOutputWithPast, MTPModel
 
 __version__ = "0.1.0"
 
 register_mtp_method(MTPConfig, MTPModel)
+# push_to_hub would otherwise upload a `library_name: transformers` card for MTP adapters (see hub.py).
+install_hub_fix()
 
 __all__ = [
     "HEAD_TYPES",

@@ -16,6 +16,9 @@ HEAD_TYPES = ("linear", "ffn", "mha_ffn", "cnn", "identical", "sequential")
 CONTEXTUAL_HEAD_TYPES = ("mha_ffn", "cnn", "identical", "sequential")
 HEAD_WEIGHT_SCHEDULES = ("uniform", "harmonic", "geometric")
 HEAD_INITS = ("base", "random")
+MTP_WEIGHT_SCHEDULES = ("linear", "cosine", "step")
+# Where head targets come from (see peft_mtp.loss): the data, or the model's own predictions.
+HEAD_TARGET_SOURCES = ("labels", "argmax", "soft")
 
 
 @dataclass
@@ -67,6 +70,31 @@ class MTPConfig(PeftConfig):
             Weights are normalised to sum to 1.
         head_weight_ratio (`float`, *optional*, defaults to `0.8`):
             Ratio of the `"geometric"` schedule.
+        mtp_loss_weight_final (`float`, *optional*):
+            If set, the MTP weight moves from `mtp_loss_weight` at the first step to this value at the last
+            step of training, following `mtp_loss_weight_schedule` (DeepSeek-V3: 0.3, then 0.1). The
+            trainer hook moves it (`peft_mtp.training.MTPTrainingCallback`); outside a trainer, set
+            `model.base_model.training_progress` (0 to 1) yourself. `None` keeps the weight constant.
+        mtp_loss_weight_schedule (`str`, *optional*, defaults to `"linear"`):
+            How the weight moves to `mtp_loss_weight_final`: `"linear"`, `"cosine"`, or `"step"` (jumps
+            at `mtp_loss_weight_step_at`).
+        mtp_loss_weight_step_at (`float`, *optional*, defaults to `0.7`):
+            Fraction of training after which the `"step"` schedule switches to the final weight.
+        head_target_source (`str`, *optional*, defaults to `"labels"`):
+            What heads learn to predict: `"labels"` (the dataset's token t+1+k), `"argmax"` (the model's own
+            greedy prediction of that token, i.e. the argmax of its next-token distribution at t+k:
+            self-distillation, so heads match what the model will generate even when the data does not)
+            or `"soft"` (KL to the model's whole distribution at t+k). Targets exist where labels do, so
+            completion-only masks still apply. The self-distillation modes cost one extra vocabulary
+            projection per position (`"argmax"`) or per head and position (`"soft"`).
+
+    > Parameters that control training
+
+    Args:
+        head_lr_multiplier (`float`, *optional*, defaults to `1.0`):
+            Learning rate of head parameters = the trainer's `learning_rate` times this (Medusa-2 trains
+            heads with a larger rate than the trunk LoRA). Applied by the SFTTrainer hook; for your own
+            optimizer, use `peft_mtp.training.mtp_param_groups`.
 
     > Parameters that control the trunk
 
@@ -114,6 +142,30 @@ class MTPConfig(PeftConfig):
                           "floats."},
     )
     head_weight_ratio: float = field(default=0.8, metadata={"help": "Ratio of the geometric head weight schedule."})
+    mtp_loss_weight_final: Optional[float] = field(
+        default=None,
+        metadata={"help": "If set, the MTP weight moves from mtp_loss_weight to this value over training (e.g. "
+                          "0.3 -> 0.1). None keeps it constant."},
+    )
+    mtp_loss_weight_schedule: str = field(
+        default="linear",
+        metadata={"help": "How the MTP weight moves to mtp_loss_weight_final.",
+                  "choices": list(MTP_WEIGHT_SCHEDULES)},
+    )
+    mtp_loss_weight_step_at: float = field(
+        default=0.7, metadata={"help": "Fraction of training after which the `step` schedule switches weight."}
+    )
+    head_target_source: str = field(
+        default="labels",
+        metadata={"help": "Head targets: dataset tokens (`labels`), or self-distillation from the model's own "
+                          "greedy predictions (`argmax`) or distributions (`soft`), which cost extra vocabulary "
+                          "projections.", "choices": list(HEAD_TARGET_SOURCES)},
+    )
+    head_lr_multiplier: float = field(
+        default=1.0,
+        metadata={"help": "Head learning rate = learning_rate x this (e.g. 4 to train heads faster than a trunk "
+                          "LoRA). Applied by the SFTTrainer hook."},
+    )
     lora_config: Optional[Union[LoraConfig, dict]] = field(
         default=None, metadata={"help": "LoRA config for the trunk, trained jointly with the heads (optional)."}
     )
@@ -135,7 +187,8 @@ class MTPConfig(PeftConfig):
             self.lora_config = _as_lora_config(self.lora_config)
 
     def _validate(self) -> None:
-        if str(self.task_type) != "CAUSAL_LM":
+        # `TaskType.CAUSAL_LM` is a str enum whose str() is "TaskType.CAUSAL_LM": compare its value.
+        if getattr(self.task_type, "value", self.task_type) != "CAUSAL_LM":
             raise ValueError(f"`task_type` must be 'CAUSAL_LM' for MTP heads, got {self.task_type!r}.")
         if not isinstance(self.num_heads, int) or self.num_heads < 1:
             raise ValueError(f"`num_heads` must be an integer >= 1, got {self.num_heads!r}.")
@@ -149,8 +202,12 @@ class MTPConfig(PeftConfig):
             raise ValueError(f"`head_dropout` must be in [0, 1), got {self.head_dropout!r}.")
         if not isinstance(self.cnn_kernel_size, int) or self.cnn_kernel_size < 1:
             raise ValueError(f"`cnn_kernel_size` must be an integer >= 1, got {self.cnn_kernel_size!r}.")
-        if self.mha_num_attention_heads is not None and self.mha_num_attention_heads < 1:
-            raise ValueError(f"`mha_num_attention_heads` must be >= 1 or None, got {self.mha_num_attention_heads!r}.")
+        if self.mha_num_attention_heads is not None and (
+            not isinstance(self.mha_num_attention_heads, int) or self.mha_num_attention_heads < 1
+        ):
+            raise ValueError(
+                f"`mha_num_attention_heads` must be an integer >= 1 or None, got {self.mha_num_attention_heads!r}."
+            )
         if not (isinstance(self.mtp_loss_weight, (int, float)) and math.isfinite(self.mtp_loss_weight)
                 and self.mtp_loss_weight >= 0):
             raise ValueError(f"`mtp_loss_weight` must be a finite float >= 0, got {self.mtp_loss_weight!r}.")
@@ -158,7 +215,46 @@ class MTPConfig(PeftConfig):
             raise ValueError(
                 f"`head_weight_ratio` must be in (0, 1] for the geometric schedule, got {self.head_weight_ratio!r}."
             )
+        if self.mtp_loss_weight_final is not None and not (
+            isinstance(self.mtp_loss_weight_final, (int, float)) and math.isfinite(self.mtp_loss_weight_final)
+            and self.mtp_loss_weight_final >= 0
+        ):
+            raise ValueError(
+                f"`mtp_loss_weight_final` must be a finite float >= 0 or None, got {self.mtp_loss_weight_final!r}."
+            )
+        if self.mtp_loss_weight_schedule not in MTP_WEIGHT_SCHEDULES:
+            raise ValueError(
+                f"`mtp_loss_weight_schedule` must be one of {MTP_WEIGHT_SCHEDULES}, got {self.mtp_loss_weight_schedule!r}."
+            )
+        if not 0.0 <= self.mtp_loss_weight_step_at <= 1.0:
+            raise ValueError(f"`mtp_loss_weight_step_at` must be in [0, 1], got {self.mtp_loss_weight_step_at!r}.")
+        if self.head_target_source not in HEAD_TARGET_SOURCES:
+            raise ValueError(
+                f"`head_target_source` must be one of {HEAD_TARGET_SOURCES}, got {self.head_target_source!r}."
+            )
+        if not (isinstance(self.head_lr_multiplier, (int, float)) and math.isfinite(self.head_lr_multiplier)
+                and self.head_lr_multiplier > 0):
+            raise ValueError(f"`head_lr_multiplier` must be a finite float > 0, got {self.head_lr_multiplier!r}.")
         self.head_loss_weights()  # validates head_weight_schedule
+
+    def mtp_loss_weight_at(self, progress: float) -> float:
+        """The MTP weight at a point of training (see `mtp_loss_weight_final`).
+
+        Args:
+            progress: fraction of training done, from 0 (first step) to 1 (end).
+
+        Returns:
+            `mtp_loss_weight` moved towards `mtp_loss_weight_final` by the schedule.
+        """
+        start, end = float(self.mtp_loss_weight), self.mtp_loss_weight_final
+        if end is None:
+            return start
+        progress = min(max(float(progress), 0.0), 1.0)
+        if self.mtp_loss_weight_schedule == "step":
+            return start if progress < self.mtp_loss_weight_step_at else float(end)
+        if self.mtp_loss_weight_schedule == "cosine":
+            progress = 0.5 * (1.0 - math.cos(math.pi * progress))
+        return start + (float(end) - start) * progress
 
     def head_loss_weights(self) -> list[float]:
         """Return the normalised weight w_k of each head's loss, for k = 1..K.

@@ -13,6 +13,7 @@ predicts exactly what the model's own next-token head predicts.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -40,6 +41,70 @@ class HeadContext:
     attention_mask: Optional[torch.Tensor] = None
     layer_kwargs: list[dict[str, Any]] = field(default_factory=list)
     embed: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+
+class HeadCache:
+    """What one head keeps between decoding steps: tensors that run over positions (keys, values, conv inputs).
+
+    Each tensor is stored with the dimension that runs over positions. The decoder appends a chunk of
+    new positions per step, then keeps, row by row, only the verified ones (`map_`), exactly as it
+    rolls back the model's own KV cache. It also acts as the `cache` argument of transformers attention
+    layers (they call `update(key_states, value_states, layer_idx)`), so decoder-layer heads reuse the
+    base model's attention code unchanged.
+    """
+
+    def __init__(self):
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.seq_dims: dict[str, int] = {}
+
+    def get(self, name: str) -> torch.Tensor | None:
+        """The tensor stored under `name`, or None before the first `append`."""
+        return self.tensors.get(name)
+
+    def append(self, name: str, value: torch.Tensor, seq_dim: int) -> torch.Tensor:
+        """Append new positions to the tensor `name` and return the whole tensor.
+
+        Args:
+            name: the tensor's key.
+            value: the new positions.
+            seq_dim: the dimension of `value` that runs over positions.
+
+        Returns:
+            The cached positions followed by the new ones.
+        """
+        old = self.tensors.get(name)
+        full = value if old is None else torch.cat([old, value], dim=seq_dim)
+        self.tensors[name] = full
+        self.seq_dims[name] = seq_dim
+        return full
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' `Cache.update` protocol: append keys and values `(B, heads, T, D)`, return all of them."""
+        return (self.append(f"key.{layer_idx}", key_states, 2), self.append(f"value.{layer_idx}", value_states, 2))
+
+    def map_(self, fn: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
+        """Replace every tensor `t` by `fn(t, seq_dim)` (used to keep verified positions or rows)."""
+        for name, tensor in self.tensors.items():
+            self.tensors[name] = fn(tensor, self.seq_dims[name])
+
+
+@dataclass
+class HeadStep:
+    """One cached head call: `w` new positions per row, appended after the positions the head has cached.
+
+    Attributes:
+        valid: `(B, w)` True for real new positions (rows may have fewer than `w`).
+        past_valid: `(B, S)` True for real cached positions.
+        attention_mask: `(B, 1, w, S + w)` bool: the cached and new positions each new position may read.
+        layer_kwargs: keyword arguments for decoder layers of the base model's class (additive mask,
+            position ids, rotary embeddings); the decoder adds the head's cache to them.
+    """
+
+    valid: torch.Tensor
+    past_valid: torch.Tensor
+    attention_mask: torch.Tensor
+    layer_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def _zero_(*modules: nn.Module) -> None:
@@ -74,6 +139,10 @@ class LinearHead(nn.Module):
             hidden = linear(hidden)
         return hidden
 
+    def forward_cached(self, hidden: torch.Tensor, cache: HeadCache, step: HeadStep) -> torch.Tensor:
+        """Decode-time forward over new positions (position-wise: nothing is cached)."""
+        return self.forward(hidden, HeadContext())
+
 
 class ResidualFFNBlock(nn.Module):
     """`x + SiLU(W norm(x) + b)`: Medusa's residual block, with a pre-norm for the un-normalised trunk output."""
@@ -102,6 +171,10 @@ class FFNHead(nn.Module):
             hidden = block(hidden)
         return hidden
 
+    def forward_cached(self, hidden: torch.Tensor, cache: HeadCache, step: HeadStep) -> torch.Tensor:
+        """Decode-time forward over new positions (position-wise: nothing is cached)."""
+        return self.forward(hidden, HeadContext())
+
 
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention with a causal mask (position t attends to positions <= t only)."""
@@ -125,6 +198,15 @@ class CausalSelfAttention(nn.Module):
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, T, H/heads)
         return self.out(attended.transpose(1, 2).reshape(B, T, H))
 
+    def forward_cached(self, hidden: torch.Tensor, cache: HeadCache, name: str, step: HeadStep) -> torch.Tensor:
+        """Attend from new positions to the cached ones and to each other, as `step.attention_mask` allows."""
+        B, W, H = hidden.shape
+        q, k, v = self.qkv(hidden).view(B, W, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)
+        k = cache.append(f"{name}.key", k, 2)  # (B, heads, S + W, H/heads)
+        v = cache.append(f"{name}.value", v, 2)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=step.attention_mask)
+        return self.out(attended.transpose(1, 2).reshape(B, W, H))
+
 
 class MHAFFNBlock(nn.Module):
     """`x + Attn(norm(x))`, then a residual SiLU FFN; both branches start at zero with `init="base"`."""
@@ -138,6 +220,11 @@ class MHAFFNBlock(nn.Module):
 
     def forward(self, hidden: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
         hidden = hidden + self.attn(self.dropout(self.attn_norm(hidden)), padding_mask)
+        return self.ffn(hidden)
+
+    def forward_cached(self, hidden: torch.Tensor, cache: HeadCache, name: str, step: HeadStep) -> torch.Tensor:
+        """Decode-time forward over new positions, reading the cached keys and values."""
+        hidden = hidden + self.attn.forward_cached(self.attn_norm(hidden), cache, name, step)
         return self.ffn(hidden)
 
 
@@ -154,6 +241,12 @@ class MHAFFNHead(nn.Module):
     def forward(self, hidden: torch.Tensor, context: HeadContext) -> torch.Tensor:
         for block in self.blocks:
             hidden = block(hidden, context.attention_mask)
+        return hidden
+
+    def forward_cached(self, hidden: torch.Tensor, cache: HeadCache, step: HeadStep) -> torch.Tensor:
+        """Decode-time forward over new positions; each block caches its keys and values."""
+        for index, block in enumerate(self.blocks):
+            hidden = block.forward_cached(hidden, cache, f"block{index}", step)
         return hidden
 
 
@@ -181,6 +274,23 @@ class CausalConvBlock(nn.Module):
         x = self.conv(x).transpose(1, 2)  # (B, T, H)
         return hidden + self.out(F.silu(x))
 
+    def forward_cached(self, hidden: torch.Tensor, cache: HeadCache, name: str, step: HeadStep) -> torch.Tensor:
+        """Decode-time forward over new positions.
+
+        The cache holds this block's normalised inputs at every cached position. New positions must
+        follow the cached ones without gaps (real entries first in each row), so that the window of a
+        new position is the `kernel_size` entries ending at it.
+        """
+        W = hidden.shape[1]
+        x = self.norm(hidden) * step.valid[..., None].to(hidden.dtype)
+        full = cache.append(name, x, 1)  # (B, S + W, H)
+        full_valid = torch.cat([step.past_valid, step.valid], dim=1)
+        span = W + self.kernel_size - 1
+        window = (full * full_valid[..., None].to(full.dtype))[:, -span:]  # cached pads may hold stale values
+        window = F.pad(window.transpose(1, 2), (span - window.shape[1], 0))  # (B, H, W + kernel - 1)
+        x = self.conv(window).transpose(1, 2)  # (B, W, H)
+        return hidden + self.out(F.silu(x))
+
 
 class CNNHead(nn.Module):
     """`num_layers` causal convolution blocks over the hidden sequence."""
@@ -194,6 +304,12 @@ class CNNHead(nn.Module):
     def forward(self, hidden: torch.Tensor, context: HeadContext) -> torch.Tensor:
         for block in self.blocks:
             hidden = block(hidden, context.attention_mask)
+        return hidden
+
+    def forward_cached(self, hidden: torch.Tensor, cache: HeadCache, step: HeadStep) -> torch.Tensor:
+        """Decode-time forward over new positions; each block caches its normalised inputs."""
+        for index, block in enumerate(self.blocks):
+            hidden = block.forward_cached(hidden, cache, f"block{index}", step)
         return hidden
 
 
@@ -211,6 +327,12 @@ class DecoderLayersHead(nn.Module):
         kwargs = context.layer_kwargs[-len(self.layers):]
         for layer, layer_kwargs in zip(self.layers, kwargs):
             hidden = call_layer(layer, hidden, layer_kwargs)
+        return hidden
+
+    def forward_cached(self, hidden: torch.Tensor, cache: HeadCache, step: HeadStep) -> torch.Tensor:
+        """Decode-time forward over new positions; the layers keep their keys and values in `cache`."""
+        for layer in self.layers:
+            hidden = call_layer(layer, hidden, {**step.layer_kwargs, **_cache_kwargs(layer, cache)})
         return hidden
 
 
@@ -241,6 +363,21 @@ class SequentialHead(nn.Module):
         kwargs = context.layer_kwargs[-len(self.layers):]
         for layer, layer_kwargs in zip(self.layers, kwargs):
             hidden = call_layer(layer, hidden, layer_kwargs)
+        return hidden
+
+    def forward_cached(self, previous: torch.Tensor, token_embeds: torch.Tensor, cache: HeadCache,
+                       step: HeadStep) -> torch.Tensor:
+        """Decode-time forward over new positions of this depth; the layers keep keys and values in `cache`.
+
+        Args:
+            previous: `(B, W, H)` the previous depth's output (the trunk output for depth 1).
+            token_embeds: `(B, W, H)` embeddings of token t+k at each new position t.
+            cache: this depth's cache.
+            step: masks and layer arguments of the new positions.
+        """
+        hidden = self.proj(torch.cat([self.hidden_norm(previous), self.embed_norm(token_embeds)], dim=-1))
+        for layer in self.layers:
+            hidden = call_layer(layer, hidden, {**step.layer_kwargs, **_cache_kwargs(layer, cache)})
         return hidden
 
 
@@ -309,6 +446,13 @@ class MTPHeadStack(nn.Module):
     def unembedding_of(self, k: int) -> Optional[nn.Module]:
         """Head k's own unembedding (k = 1..K), or None when heads share the model's."""
         return None if self.unembeddings is None else self.unembeddings[k - 1]
+
+
+def _cache_kwargs(layer: nn.Module, cache: HeadCache) -> dict[str, Any]:
+    """Pass `cache` to a transformers decoder layer under the name its forward uses (`cache` since 5.x)."""
+    parameters = inspect.signature(layer.forward).parameters
+    name = next((n for n in ("cache", "past_key_values", "past_key_value") if n in parameters), "cache")
+    return {name: cache, "use_cache": True}
 
 
 def _build_head(config: MTPConfig, trunk: Trunk) -> nn.Module:

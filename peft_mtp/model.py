@@ -6,7 +6,10 @@ hidden state entering the final norm while the unchanged base model runs, then t
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import inspect
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -21,12 +24,14 @@ from peft.tuners.tuners_utils import (
 from peft.tuners.tuners_utils import delete_adapter as peft_delete_adapter
 from peft.tuners.tuners_utils import set_adapter as peft_set_adapter
 from torch import nn
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 
+from .alignment import IGNORE_INDEX
 from .config import MTPConfig
 from .heads import HeadContext, MTPHeadStack
 from .layer import MTPHeadsLayer
-from .loss import MTPLossOutput, mtp_loss
+from .loss import MTPLossOutput, Unembedding, mtp_loss
+from .training import attach_from_caller, fold_mtp_loss, get_link, trunk_is_frozen, warn_if_unlinked
 from .trunk import Trunk
 
 
@@ -188,6 +193,26 @@ class MTPModel(BaseTuner):
         """Run the active heads on a trunk output: `(B, T, H)` -> `(B, T, K, H)`."""
         return self.active_heads()(hidden, context)
 
+    def generate(self, *args: Any, **kwargs: Any):
+        """Generate with the model, speculating with the active MTP heads: same tokens, fewer forward passes.
+
+        `PeftModel.generate` calls this. Greedy decoding and sampling speculate by default (the output
+        is what the base model alone gives; see docs/decoding.md); other generation modes, disabled
+        adapters and `mtp_speculate=False` run transformers' `generate` unchanged.
+
+        Args:
+            *args, **kwargs: transformers `generate` arguments, plus `mtp_speculate` (bool),
+                `mtp_depth` (int or "auto"), `mtp_tree` (None, True or a list of paths) and
+                `mtp_trace` (bool); see `peft_mtp.decoding.SpeculationOptions`.
+
+        Returns:
+            What transformers' `generate` returns; with `return_dict_in_generate=True` while
+            speculating, an `MTPGenerateOutput` whose `mtp_stats` describes the call.
+        """
+        from .decoding import generate_with_heads  # decoding imports this module
+
+        return generate_with_heads(self, *args, **kwargs)
+
     def forward(self, *args: Any, output_mtp_logits: bool = False, **kwargs: Any):
         """Run the base model once and the MTP heads on its trunk output.
 
@@ -198,14 +223,19 @@ class MTPModel(BaseTuner):
 
         Returns:
             `MTPCausalLMOutputWithPast`: the model's output; with labels, `loss` is the next-token loss
-            plus `mtp_loss_weight` times the weighted head losses. With adapters disabled, the base
-            model's own output, untouched.
+            plus the current MTP weight times the weighted head losses. With `fused_lm_head=True` (TRL's
+            SFTTrainer), TRL's `FusedCausalLMOutput` with the MTP loss folded into `log_probs` (see
+            `peft_mtp.training`). With adapters disabled, the base model's own output, untouched.
         """
         heads = self.active_heads()
         if heads is None:
             return self.model(*args, **kwargs)
         labels = kwargs.get("labels")
-        with self.get_trunk().capture(num_layer_kwargs=heads.num_layer_kwargs) as captured:
+        fused = bool(kwargs.get("fused_lm_head"))  # TRL's SFTTrainer: the loss is computed from `log_probs`
+        # A frozen trunk cannot learn: skip its graph (see peft_mtp.training, "frozen trunk").
+        frozen = torch.is_grad_enabled() and trunk_is_frozen(self.model, kwargs.get("inputs_embeds"))
+        with self.get_trunk().capture(num_layer_kwargs=heads.num_layer_kwargs) as captured, \
+                (torch.no_grad() if frozen else contextlib.nullcontext()):
             outputs = self.model(*args, **kwargs)
         if captured.hidden is None:
             raise RuntimeError("The trunk's final norm did not run; MTP heads have no input.")
@@ -224,36 +254,73 @@ class MTPModel(BaseTuner):
             kept = _keep_positions(head_hidden, kwargs.get("logits_to_keep", 0))
             extra["mtp_logits"] = heads.logits(kept, self.get_trunk())
         if labels is not None:
-            result = self.compute_mtp_loss(head_hidden, labels, kwargs.get("position_ids"))
+            result = self.compute_mtp_loss(head_hidden, labels, kwargs.get("position_ids"),
+                                           trunk_hidden=captured.hidden)
             extra.update(mtp_loss=result.loss, mtp_head_losses=result.head_losses,
                          mtp_head_accuracies=result.head_accuracies)
-            weighted = self.active_config().mtp_loss_weight * result.loss
+            weight = self.current_mtp_loss_weight()
+            weighted = weight * result.loss
+            link = get_link(self)
+            if fused:
+                # TRL ignores `loss` on this path: fold the MTP loss into `log_probs` (see peft_mtp.training).
+                next_token = (-outputs["log_probs"].detach().sum(), outputs["label_mask"].sum())
+                if link is not None:
+                    link.record(result, weight, self.training, next_token)
+                else:
+                    warn_if_unlinked(self)
+                return fold_mtp_loss(_with_mtp_outputs(outputs, extra), weighted)
+            if link is not None:
+                link.record(result, weight, self.training)
+            if kwargs.get("num_items_in_batch") is not None:
+                # Trainer's contract for the model's own loss; without it DDP / grad accumulation multiply the MTP loss.
+                weighted = weighted * _share_of_step(labels, kwargs["num_items_in_batch"])
             extra["loss"] = weighted if outputs.get("loss") is None else outputs["loss"] + weighted
         if isinstance(outputs, CausalLMOutputWithPast):
             return MTPCausalLMOutputWithPast(**{**outputs, **extra})
-        for key, value in extra.items():  # another output class (e.g. a trainer's fused head): add keys
-            outputs[key] = value
-        return outputs
+        return _with_mtp_outputs(outputs, extra)  # another output class (e.g. a trainer's fused head)
 
     def compute_mtp_loss(
-        self, head_hidden: torch.Tensor, labels: torch.Tensor, position_ids: Optional[torch.Tensor] = None
+        self, head_hidden: torch.Tensor, labels: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+        trunk_hidden: Optional[torch.Tensor] = None,
     ) -> MTPLossOutput:
-        """Weighted, chunked cross-entropy of the active heads against tokens t+1+k.
+        """Weighted, chunked loss of the active heads against tokens t+1+k (see `peft_mtp.loss`).
 
         Args:
             head_hidden: `(B, T, K, H)` head outputs.
             labels: `(B, T)` unshifted labels (-100 = ignored).
             position_ids: position ids of packed sequences (no target crosses a document).
+            trunk_hidden: `(B, T, H)` trunk output, the teacher of `head_target_source="argmax"` / `"soft"`.
 
         Returns:
             An `MTPLossOutput` (weighted loss, per-head losses and accuracies).
         """
-        heads, config = self.active_heads(), self.active_config()
+        config = self.active_config()
+        return mtp_loss(head_hidden, labels, self.head_unembedding, config.head_loss_weights(), position_ids,
+                        target_source=config.head_target_source, trunk_hidden=trunk_hidden)
 
-        def head_logits(hidden: torch.Tensor, k: int) -> torch.Tensor:
-            return self.get_trunk().logits(hidden, heads.unembedding_of(k))
+    def head_unembedding(self, k: int) -> Unembedding:
+        """Final norm, unembedding and logit transform of head k (k = 0: the model's own head)."""
+        trunk = self.get_trunk()
+        linear = (self.active_heads().unembedding_of(k) if k > 0 else None) or trunk.unembedding
+        return Unembedding(norm=trunk.final_norm, weight=linear.weight, bias=getattr(linear, "bias", None),
+                           logit_scale=trunk.logit_multiplier, softcap=trunk.softcap)
 
-        return mtp_loss(head_hidden, labels, head_logits, config.head_loss_weights(), position_ids)
+    # Fraction of training done (0..1): moves the MTP-weight schedule. Set by the trainer hook
+    # (`peft_mtp.training.MTPTrainingCallback`), or by hand in a custom loop.
+    training_progress: float = 0.0
+
+    def current_mtp_loss_weight(self) -> float:
+        """The active adapter's MTP weight at `training_progress` (see `MTPConfig.mtp_loss_weight_final`)."""
+        return self.active_config().mtp_loss_weight_at(self.training_progress)
+
+    def add_model_tags(self, tags: Union[list[str], str]) -> None:
+        """Add tags to the base model's card, and attach to the trainer when a trainer is the caller.
+
+        TRL's `SFTTrainer.__init__` ends with `self.model.add_model_tags(...)`: the one point where a model
+        can meet its finished trainer. See `peft_mtp.training` for what attaching does.
+        """
+        self.model.add_model_tags(tags)
+        attach_from_caller(self, inspect.currentframe().f_back)
 
 
 def _inject_trunk_lora(model: nn.Module, lora_config, adapter_name: str, low_cpu_mem_usage: bool) -> None:
@@ -268,6 +335,64 @@ def _inject_trunk_lora(model: nn.Module, lora_config, adapter_name: str, low_cpu
         model.__dict__.pop("peft_config", None)
         if saved is not None:
             model.peft_config = saved
+
+
+def _share_of_step(labels: torch.Tensor, num_items_in_batch: Union[int, torch.Tensor]) -> torch.Tensor:
+    """This micro-batch's share of the next-token targets of the whole optimizer step.
+
+    When transformers' Trainer passes `num_items_in_batch`, it expects the model's loss to be a sum over
+    this micro-batch divided by the target count of the whole step (every gradient-accumulation
+    micro-batch, and every process when `average_tokens_across_devices`); it then skips the division by
+    the accumulation steps and multiplies the loss by the number of processes (DDP averages gradients).
+    The MTP loss is a mean over this micro-batch: weighted by this share, its sum over micro-batches and
+    processes is the step's mean (exactly when every micro-batch has as many targets per head), instead
+    of `num_processes * gradient_accumulation_steps` times it. With one process and no accumulation the
+    share is 1.
+
+    Args:
+        labels: `(B, T)` unshifted labels of this micro-batch (-100 = ignored).
+        num_items_in_batch: next-token targets of the step, as the Trainer counted them (`labels[..., 1:]`).
+
+    Returns:
+        A float32 scalar tensor.
+    """
+    local = (labels[..., 1:] != IGNORE_INDEX).sum().to(torch.float32)
+    return local / torch.as_tensor(num_items_in_batch, device=local.device).clamp(min=1)
+
+
+# Subclasses of foreign output classes that declare the MTP keys, by (class, keys); see `_with_mtp_outputs`.
+_MTP_OUTPUT_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
+
+
+def _with_mtp_outputs(outputs: Any, extra: dict[str, Any]) -> Any:
+    """`outputs` (any output class, e.g. TRL's `FusedCausalLMOutput`) with the MTP keys of `extra` added.
+
+    DDP rebuilds a `ModelOutput` from its class's declared fields after every forward (pytree unflatten:
+    `output_type(**fields)`), so a key merely set on an instance fails there with "unexpected keyword
+    argument 'mtp_loss'". Keys the class does not declare are therefore added through a dataclass subclass
+    that declares them (built once per class; `ModelOutput` registers it with pytree itself).
+
+    Args:
+        outputs: the base model's output.
+        extra: MTP outputs to add (`mtp_loss`, `mtp_logits`, ...).
+
+    Returns:
+        `outputs` itself, or an instance of the subclass with the same values, with `extra` set.
+    """
+    cls = type(outputs)
+    if isinstance(outputs, ModelOutput) and dataclasses.is_dataclass(cls):
+        declared = {f.name for f in dataclasses.fields(cls)}
+        missing = tuple(sorted(key for key in extra if key not in declared))
+        if missing:
+            subclass = _MTP_OUTPUT_CLASSES.get((cls, missing))
+            if subclass is None:
+                fields = [(key, Optional[torch.Tensor], dataclasses.field(default=None)) for key in missing]
+                subclass = dataclasses.make_dataclass(f"MTP{cls.__name__}", fields, bases=(cls,))
+                _MTP_OUTPUT_CLASSES[(cls, missing)] = subclass
+            outputs = subclass(**outputs)
+    for key, value in extra.items():
+        outputs[key] = value
+    return outputs
 
 
 def _keep_positions(head_hidden: torch.Tensor, logits_to_keep: Union[int, torch.Tensor]) -> torch.Tensor:

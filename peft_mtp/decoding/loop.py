@@ -1,0 +1,502 @@
+"""The optimised speculative decoding loop (KV-cached, batched, chain or tree drafts).
+
+Each step, per active row: the heads draft from the last verified position; one forward pass of the
+model over [the token it chose last step, drafts...] (with its KV cache) verifies them; the longest
+agreeing path plus the model's own next token are emitted; the cache keeps the accepted path and
+drops the rest; the same pass gives the trunk outputs the heads draft from next. Rows accept
+different numbers of tokens and finish at different steps; the cached state stays right-aligned
+(`layout.py`) and finished rows leave the batch.
+
+The loop runs as transformers' `custom_generate` callable: `generate` prepares the generation
+config, logits processors, stopping criteria, attention mask and position ids, and this loop reuses
+them. `reference.py` holds the same algorithm without caches, in a few readable lines.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import DynamicCache
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .acceptance import sample, speculative_sample_chain
+from .drafter import HeadDrafter
+from .layout import additive_mask, apply_keep, chunk_attention_mask, plan_keep, select_rows
+from .options import DepthController, DraftShapes, SpeculationOptions
+from .stats import SpeculationStats
+from .tree import DraftTree
+
+if TYPE_CHECKING:
+    from ..model import MTPModel
+
+# `_drop_finished` returns this when no row left the batch (nothing to select).
+ALL_ROWS = None
+
+
+@dataclass
+class MTPGenerateOutput(GenerateDecoderOnlyOutput):
+    """transformers' `GenerateDecoderOnlyOutput` plus `mtp_stats` (a `SpeculationStats`)."""
+
+    mtp_stats: SpeculationStats | None = None
+
+
+class StopRules:
+    """transformers' stopping criteria, applied token by token to the several tokens a step emits.
+
+    `MaxLengthCriteria` and `EosTokenCriteria` are applied vectorised; any other criterion (stop
+    strings, max time, user criteria) is called on each row's ids after each emitted token, exactly
+    when plain decoding would have called it.
+
+    Args:
+        criteria: the prepared `StoppingCriteriaList`.
+    """
+
+    def __init__(self, criteria: StoppingCriteriaList):
+        self.max_length: int | None = None
+        eos: list[torch.Tensor] = []
+        self.others = []
+        for criterion in criteria:
+            if isinstance(criterion, MaxLengthCriteria):
+                self.max_length = min(self.max_length or criterion.max_length, criterion.max_length)
+            elif isinstance(criterion, EosTokenCriteria):
+                eos.append(criterion.eos_token_id.flatten())
+            else:
+                self.others.append(criterion)
+        self.eos = torch.cat(eos) if eos else None
+        # transformers pads finished rows (and lets them finish one by one) only when an eos criterion exists.
+        self.finish_individually = any(hasattr(criterion, "eos_token_id") for criterion in criteria)
+
+    def first_stop(self, prefix: torch.Tensor, emitted: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cut each row's emitted tokens at the first one after which a criterion stops the row.
+
+        Args:
+            prefix: list-like of `(L_r,)` id tensors, each row's ids before this step (padded prompt included).
+            emitted: `(R, E)` tokens emitted this step.
+            counts: `(R,)` how many of them each row emits.
+
+        Returns:
+            The cut counts `(R,)` and whether each row stopped `(R,)`.
+        """
+        device = emitted.device
+        lengths = torch.tensor([len(p) for p in prefix], device=device)
+        stopped = torch.zeros_like(counts, dtype=torch.bool)
+        if self.max_length is not None:
+            room = self.max_length - lengths
+            stopped |= counts >= room
+            counts = torch.minimum(counts, room)
+        if self.eos is not None:
+            within = torch.arange(emitted.shape[1], device=device)[None, :] < counts[:, None]
+            is_eos = torch.isin(emitted, self.eos.to(device)) & within
+            has_eos = is_eos.any(dim=1)
+            first = is_eos.long().argmax(dim=1)
+            counts = torch.where(has_eos, first + 1, counts)
+            stopped |= has_eos
+        if self.others:
+            counts_list, stopped_list = counts.tolist(), stopped.tolist()
+            for row, ids in enumerate(prefix):
+                for i in range(counts_list[row]):
+                    candidate = torch.cat([ids, emitted[row, : i + 1]])[None]
+                    if any(bool(criterion(candidate, None).any()) for criterion in self.others):
+                        counts_list[row], stopped_list[row] = i + 1, True
+                        break
+            counts = torch.tensor(counts_list, device=device)
+            stopped = torch.tensor(stopped_list, device=device)
+        return counts, stopped
+
+
+def speculative_generate(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor,
+    stopping_criteria: StoppingCriteriaList,
+    generation_config,
+    *,
+    mtp_model: MTPModel,
+    options: SpeculationOptions,
+    streamer=None,
+    **model_kwargs: Any,
+):
+    """transformers `custom_generate` callable: speculative decoding with the active MTP heads.
+
+    Args:
+        model: the base causal LM (transformers passes it first).
+        input_ids: `(B, P)` prompt ids, left-padded.
+        logits_processor: prepared `LogitsProcessorList` (sampling warpers included when sampling).
+        stopping_criteria: prepared `StoppingCriteriaList`.
+        generation_config: the prepared `GenerationConfig` (greedy or sampling, one sequence per prompt).
+        mtp_model: the `MTPModel` whose active heads draft.
+        options: the speculation options.
+        streamer: receives the prompt (from `generate`), then each column of new tokens as plain
+            decoding would send it.
+        **model_kwargs: what `generate` prepared for the model (attention mask, position ids, cache, ...).
+
+    Returns:
+        `(B, P + N)` token ids, or an `MTPGenerateOutput` with `mtp_stats` when
+        `generation_config.return_dict_in_generate`.
+    """
+    decoder = SpeculativeDecoder(model, mtp_model, options, logits_processor, stopping_criteria, generation_config,
+                                 streamer)
+    return decoder.run(input_ids, model_kwargs)
+
+
+class SpeculativeDecoder:
+    """State and steps of one speculative `generate` call (see the module docstring)."""
+
+    def __init__(self, model, mtp_model: MTPModel, options: SpeculationOptions, logits_processor,
+                 stopping_criteria: StoppingCriteriaList, generation_config, streamer=None):
+        self.model = model
+        self.trunk = mtp_model.get_trunk()
+        self.heads = mtp_model.active_heads()
+        self.options = options
+        self.processors = logits_processor if logits_processor is not None and len(logits_processor) else None
+        self.stop = StopRules(stopping_criteria)
+        self.config = generation_config
+        self.do_sample = bool(generation_config.do_sample)
+        self.streamer = streamer
+        num_heads = self.heads.num_heads
+        max_depth = options.max_depth(num_heads)
+        if options.tree not in (None, False) and self.heads.head_type == "sequential":
+            raise ValueError(
+                "`mtp_tree` needs parallel heads: `sequential` heads draft one chain (each depth reads the previous "
+                "draft). Use `mtp_tree=None` with these heads."
+            )
+        self.shapes = DraftShapes(options.tree_paths(max_depth), num_heads)
+        fixed = None if options.depth == "auto" else min(options.depth, self.shapes.max_depth)
+        self.controller = DepthController(self.shapes.max_depth, fixed)
+        self.drafter = HeadDrafter(self.heads, self.trunk)
+        self.stats = SpeculationStats(num_heads=num_heads, trace=[] if options.trace else None)
+        if not self.shapes.is_chain:
+            _check_tree_attention(model)
+
+    # ------------------------------------------------------------------------------------------
+
+    def run(self, input_ids: torch.LongTensor, model_kwargs: dict[str, Any]):
+        start = time.perf_counter()
+        device = input_ids.device
+        batch, prompt_length = input_ids.shape
+        pad = self.config._pad_token_tensor
+        self.pad_id = int(pad.flatten()[0]) if pad is not None else 0
+        max_length = self.stop.max_length or prompt_length + 4096
+        self.sequences = input_ids.new_full((batch, max_length), self.pad_id)
+        self.sequences[:, :prompt_length] = input_ids
+        self.lengths = [prompt_length] * batch  # ids per row, padded prompt included
+        mask = model_kwargs.get("attention_mask")
+        prompt_valid = mask.bool() if mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        if bool((prompt_valid[:, 1:] < prompt_valid[:, :-1]).any()):
+            raise ValueError(
+                "Speculative decoding needs left padding (`attention_mask` zeros only before each row's tokens); "
+                "set `tokenizer.padding_side = 'left'`, or pass `mtp_speculate=False`."
+            )
+        self.left_pad = (~prompt_valid).sum(dim=1)  # (B,) per original row
+        self.rows = torch.arange(batch, device=device)  # original index of each active row
+        self.done_at: list[int | None] = [None] * batch
+        self.finished = [False] * batch
+        self.streamed = 0
+        self.prompt_length = prompt_length
+
+        # Prefill, as transformers does it, with the trunk output captured for the heads.
+        self.cache = DynamicCache()  # full-attention layers only, so that rows can be realigned freely
+        model_kwargs["cache"] = self.cache
+        inputs = self.model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
+        with self.trunk.capture() as captured:
+            outputs = self.model(**inputs, return_dict=True)
+        self.cache = outputs.cache if getattr(outputs, "cache", None) is not None else self.cache
+        self.cache_valid = prompt_valid
+        position_ids = model_kwargs.get("position_ids")
+        self.next_position = (position_ids[:, -1] + 1) if position_ids is not None else prompt_valid.sum(dim=1)
+        scores = self._process(input_ids, outputs.logits[:, -1].float())
+        token = sample(scores) if self.do_sample else scores.argmax(dim=-1)
+        self.stats.prefill_time_s = time.perf_counter() - start
+        self._emit(token[:, None], torch.ones(batch, dtype=torch.long, device=device))
+        self.stats.model_forwards += 1
+        self.stats.prefill_tokens = batch
+        self.root = token
+        keep_rows = self._drop_finished()
+        if self.rows.numel():
+            tick = time.perf_counter()
+            self.drafter.observe(_select(captured.hidden, keep_rows), _select(prompt_valid, keep_rows))
+            self.stats.draft_time_s += time.perf_counter() - tick
+
+        while self.rows.numel():
+            self._step()
+
+        self.stats.wall_time_s = time.perf_counter() - start
+        if self.streamer is not None:
+            self.streamer.end()
+        return self._output()
+
+    # ------------------------------------------------------------------------------------------
+    # One step
+
+    def _step(self) -> None:
+        step_start = tick = time.perf_counter()
+        depth = self.controller.choose()
+        room = max(self._room(row) for row in self.rows.tolist())
+        depth = max(0, min(depth, room - 1))
+        tree = self.shapes.tree(depth).to(self.rows.device)
+        tokens, draft_probs = self._draft(tree, depth)  # (R, N) node tokens, root first
+        self.stats.draft_time_s += time.perf_counter() - tick
+
+        verify_start = time.perf_counter()
+        logits, hidden = self._verify(tokens, tree)
+        scores = self._process_nodes(logits, tokens, tree)
+        if self.do_sample and tree.is_chain and draft_probs is not None:
+            accepted, bonus = speculative_sample_chain(scores, draft_probs, tokens[:, 1:])
+            node = accepted
+        else:
+            choices = sample(scores) if self.do_sample else scores.argmax(dim=-1)  # (R, N)
+            node = tree.accept(tokens, choices)
+            bonus = choices.gather(1, node[:, None])[:, 0]
+        path, keep = tree.path_to(node)  # (R, D + 1), (R,): the accepted nodes, root first
+        emitted = torch.cat([tokens.gather(1, path)[:, 1:], bonus[:, None]], dim=1)  # (R, D + 1)
+        # `emitted[r, :keep[r]]` are the new tokens: the accepted drafts, then the model's own next token.
+        emitted = torch.where(torch.arange(emitted.shape[1], device=emitted.device)[None] == (keep - 1)[:, None],
+                              bonus[:, None], emitted)
+        accepted_list = (keep - 1).tolist()
+        self.stats.record_step(depth, accepted_list)
+        if self.stats.trace is not None:
+            self.stats.trace.append(list(zip(self.rows.tolist(), accepted_list)))
+        self._emit(emitted, keep)
+
+        # Roll the cache back to the accepted path; the next step feeds `bonus`.
+        plan = plan_keep(self.cache_valid, tokens.shape[1], keep, path)
+        for layer in self.cache.layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                layer.keys = apply_keep(layer.keys, 2, plan)
+                layer.values = apply_keep(layer.values, 2, plan)
+        self.cache_valid = plan.valid
+        self.next_position = self.next_position + keep
+        self.root = bonus
+        kept_hidden = hidden.gather(1, path[..., None].expand(-1, -1, hidden.shape[-1]))  # (R, D + 1, H) front
+        kept_valid = torch.arange(path.shape[1], device=path.device)[None] < keep[:, None]
+        keep_rows = self._drop_finished()
+        self.stats.verify_time_s += time.perf_counter() - verify_start
+        if self.rows.numel():
+            tick = time.perf_counter()
+            self.drafter.observe(_select(kept_hidden, keep_rows), _select(kept_valid, keep_rows))
+            self.stats.draft_time_s += time.perf_counter() - tick
+        self.controller.record(depth, accepted_list, time.perf_counter() - step_start)
+
+    def _draft(self, tree: DraftTree, depth: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Node tokens `(R, N)` (root first) and, for sampled chains, the draft distributions `(R, depth, V)`."""
+        root = self.root
+        if depth == 0:
+            return root[:, None], None
+        if self.drafter.sequential:
+            probs: list[torch.Tensor] = []
+
+            def pick(k: int, logits: torch.Tensor) -> torch.Tensor:
+                if not self.do_sample:
+                    return logits.argmax(dim=-1)
+                scores = self._process_rows(logits.float())
+                probs.append(torch.softmax(scores, dim=-1))
+                return torch.multinomial(probs[-1], 1)[:, 0]
+
+            drafts = self.drafter.draft_chain(depth, self._verified_tokens, self._num_verified(), pick)
+            return torch.cat([root[:, None], drafts], dim=1), (torch.stack(probs, dim=1) if probs else None)
+        logits = self.drafter.head_logits(tree.depth)  # (R, D, V), one unembedding matmul for all heads
+        if self.do_sample and tree.is_chain:
+            scores = torch.stack([self._process_rows(logits[:, k].float()) for k in range(tree.depth)], dim=1)
+            probs = torch.softmax(scores, dim=-1)
+            drafts = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).view(probs.shape[:2])
+            return torch.cat([root[:, None], drafts], dim=1), probs
+        candidates = [logits[:, k].topk(tree.topk[k], dim=-1).indices for k in range(tree.depth)]
+        return tree.node_tokens(root, candidates), None
+
+    def _verify(self, tokens: torch.Tensor, tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass over the node tokens with the KV cache; returns logits and trunk outputs `(R, N, .)`."""
+        rows, nodes = tokens.shape
+        position_ids = self.next_position[:, None] + tree.depths[None, :]
+        if tree.is_chain:
+            # A chain is verified exactly like plain decoding feeds tokens: 2-D padding mask, causal.
+            if bool(self.cache_valid.all()):
+                attention_mask = None
+            else:
+                attention_mask = torch.cat([self.cache_valid, self.cache_valid.new_ones(rows, nodes)], dim=1).long()
+        else:
+            # A tree: each node reads the cached prefix and its own ancestors. transformers passes a 4-D
+            # mask through unchanged (masking_utils._preprocess_mask_arguments), so it must already be
+            # in the additive form eager and SDPA attention add to their scores.
+            allowed = chunk_attention_mask(self.cache_valid, self.cache_valid.new_ones(rows, nodes), tree.ancestor_mask)
+            attention_mask = additive_mask(allowed, self.trunk.unembedding.weight.dtype)
+        with self.trunk.capture() as captured:
+            outputs = self.model(input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids,
+                                 cache=self.cache, use_cache=True, return_dict=True)
+        self.cache = outputs.cache if getattr(outputs, "cache", None) is not None else self.cache
+        return outputs.logits, captured.hidden
+
+    # ------------------------------------------------------------------------------------------
+    # Logits processors
+
+    def _process(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores if self.processors is None else self.processors(ids, scores)
+
+    def _row_ids(self, row: int) -> torch.Tensor:
+        return self.sequences[row, : self.lengths[row]]
+
+    def _process_rows(self, scores: torch.Tensor) -> torch.Tensor:
+        """Apply the processors to `(R, V)` scores with each active row's verified ids as its prefix."""
+        if self.processors is None:
+            return scores
+        rows = self.rows.tolist()
+        return self._process_grouped([self._row_ids(r) for r in rows], scores)
+
+    def _process_grouped(self, prefixes: list[torch.Tensor], scores: torch.Tensor) -> torch.Tensor:
+        """Run the processors once per group of rows whose prefixes have the same length."""
+        out = scores.clone()
+        groups: dict[int, list[int]] = {}
+        for index, prefix in enumerate(prefixes):
+            groups.setdefault(len(prefix), []).append(index)
+        for members in groups.values():
+            ids = torch.stack([prefixes[i] for i in members])
+            out[members] = self.processors(ids, scores[members])
+        return out
+
+    def _process_nodes(self, logits: torch.Tensor, tokens: torch.Tensor, tree: DraftTree) -> torch.Tensor:
+        """Processed scores `(R, N, V)` at every node, each with its own prefix (verified ids + path)."""
+        scores = logits.float()
+        if self.processors is None:
+            return scores
+        rows = self.rows.tolist()
+        scores = scores.clone()
+        for node in range(tree.num_nodes):
+            path = tree.paths[node]
+            ancestors = [tree.paths.index(path[:d]) for d in range(1, len(path) + 1)]
+            prefixes = [torch.cat([self._row_ids(r), tokens[i, ancestors]]) for i, r in enumerate(rows)]
+            scores[:, node] = self._process_grouped(prefixes, scores[:, node])
+        return scores
+
+    # ------------------------------------------------------------------------------------------
+    # Tokens, stopping, streaming, rows
+
+    def _room(self, row: int) -> int:
+        """How many more tokens row `row` may get."""
+        limit = self.stop.max_length or (self.lengths[row] + 10**9)
+        target = self._target_length()
+        if target is not None:
+            limit = min(limit, target)
+        return limit - self.lengths[row]
+
+    def _target_length(self) -> int | None:
+        # Without an eos criterion, transformers stops every row at the step the last row stops at.
+        if self.stop.finish_individually or any(d is None for d in self.done_at):
+            return None
+        return max(self.done_at)
+
+    def _emit(self, emitted: torch.Tensor, counts: torch.Tensor) -> None:
+        """Write each active row's `counts[r]` first emitted tokens, applying the stopping criteria."""
+        rows = self.rows.tolist()
+        prefixes = [self._row_ids(r) for r in rows]
+        cut, stopped = self.stop.first_stop(prefixes, emitted, counts)
+        target = self._target_length()
+        cut_list, stopped_list = cut.tolist(), stopped.tolist()
+        for i, row in enumerate(rows):
+            count = cut_list[i] if self.stop.finish_individually else int(counts[i])
+            if target is not None:
+                count = min(count, target - self.lengths[row])
+            if self.stop.max_length is not None:
+                count = min(count, self.stop.max_length - self.lengths[row])
+            start = self.lengths[row]
+            self.sequences[row, start : start + count] = emitted[i, :count]
+            self.lengths[row] += count
+            self.stats.new_tokens += count
+            if stopped_list[i] and self.done_at[row] is None:
+                self.done_at[row] = start + cut_list[i]
+            if self.stop.finish_individually:
+                self.finished[row] = bool(stopped_list[i])
+        target = self._target_length()
+        if not self.stop.finish_individually and target is not None:
+            for row in rows:
+                self.finished[row] = self.lengths[row] >= target
+        if self.stop.max_length is not None:
+            for row in rows:
+                self.finished[row] = self.finished[row] or self.lengths[row] >= self.stop.max_length
+        self._stream()
+
+    def _stream(self) -> None:
+        """Send every column of new tokens that all rows have now decided (finished rows send the pad)."""
+        if self.streamer is None:
+            return
+        batch = len(self.lengths)
+        target = self._target_length()
+        while True:
+            column = self.prompt_length + self.streamed
+            if target is not None and column >= target:
+                return
+            ready = all(self.lengths[r] > column or self.finished[r] for r in range(batch))
+            if not ready or all(self.lengths[r] <= column for r in range(batch)):
+                return
+            self.streamer.put(self.sequences[:, column].cpu())
+            self.streamed += 1
+
+    def _drop_finished(self) -> torch.Tensor | None:
+        """Remove finished rows from every batched state; returns the positions kept (`ALL_ROWS`: all of them)."""
+        keep = [i for i, row in enumerate(self.rows.tolist()) if not self.finished[row]]
+        if len(keep) == self.rows.numel():
+            return ALL_ROWS
+        if not keep:
+            self.rows = self.rows[:0]
+            return self.rows
+        index = torch.tensor(keep, device=self.rows.device)
+        self.rows = self.rows[index]
+        self.root = self.root[index]
+        self.next_position = self.next_position[index]
+        for layer in self.cache.layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                layer.keys = layer.keys.index_select(0, index)
+                layer.values = layer.values.index_select(0, index)
+        self.cache_valid = self.cache_valid.index_select(0, index)
+        self.drafter.select_rows(index)
+        # Columns that are padding in every remaining row are dropped.
+        lead = int((~self.cache_valid).long().cumprod(dim=1).sum(dim=1).min())
+        if lead:
+            self.cache_valid = self.cache_valid[:, lead:]
+            for layer in self.cache.layers:
+                if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                    layer.keys = layer.keys[:, :, lead:]
+                    layer.values = layer.values[:, :, lead:]
+        return index
+
+    def _num_verified(self) -> torch.Tensor:
+        """Verified real tokens per active row (prompt without padding, plus generated)."""
+        lengths = torch.tensor([self.lengths[r] for r in self.rows.tolist()], device=self.rows.device)
+        return lengths - self.left_pad[self.rows]
+
+    def _verified_tokens(self, positions: torch.Tensor) -> torch.Tensor:
+        """Token ids at `(R, W)` positions (0 = each row's first real token) of the active rows."""
+        columns = positions + self.left_pad[self.rows][:, None]
+        return self.sequences[self.rows[:, None], columns]
+
+    def _output(self):
+        generated = max(self.lengths) if self.lengths else self.prompt_length
+        target = self._target_length()
+        if target is not None:
+            generated = target
+        sequences = self.sequences[:, :generated]
+        if not self.config.return_dict_in_generate:
+            return sequences
+        return MTPGenerateOutput(sequences=sequences, mtp_stats=self.stats)
+
+
+def _select(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return tensor if rows is ALL_ROWS else select_rows(tensor, rows)
+
+
+def _check_tree_attention(model) -> None:
+    """Refuse tree drafts where a custom 4-D mask would be ignored or misread."""
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if implementation not in ("eager", "sdpa"):
+        raise ValueError(
+            f"Tree drafts pass a 4-D attention mask, which transformers' {implementation!r} attention does not take; "
+            "load the model with attn_implementation='sdpa' or 'eager', or use `mtp_tree=None`."
+        )
+    layer_types = getattr(model.config, "layer_types", None) or []
+    if getattr(model.config, "sliding_window", None) and (not layer_types or "sliding_attention" in layer_types):
+        raise ValueError(
+            f"{type(model).__name__} uses sliding-window attention, which a custom 4-D tree mask would bypass; "
+            "use `mtp_tree=None` (chain drafts) with this model."
+        )

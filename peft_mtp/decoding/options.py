@@ -1,0 +1,185 @@
+"""The speculation options of `generate`, and the controller that picks the draft depth automatically."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .tree import DraftTree, Path, chain_paths, default_tree_paths
+
+# The `generate` keyword arguments this package reads (and removes before transformers sees them).
+OPTION_KWARGS = ("mtp_speculate", "mtp_depth", "mtp_tree", "mtp_trace")
+
+
+@dataclass
+class SpeculationOptions:
+    """How `generate` speculates with the MTP heads (given as `mtp_*` keyword arguments of `generate`).
+
+    Args:
+        speculate (`bool`, defaults to `True`): `mtp_speculate`. False runs transformers' own
+            decoding, heads unused.
+        depth (`int` or `"auto"`, defaults to `"auto"`): `mtp_depth`. Drafts per step (0..K, 0 = no
+            drafting), or `"auto"`: start at the deepest and keep the depth with the best measured
+            tokens per second, re-probing deeper now and then.
+        tree (`None`, `True` or a list of paths, defaults to `None`): `mtp_tree`. None drafts a chain
+            (each head's best token). True drafts a small default tree (`default_tree_paths`); a list
+            of paths gives the tree's shape (see `peft_mtp.decoding.tree`). With `"auto"` depth, the
+            tree is cut at the chosen depth.
+        trace (`bool`, defaults to `False`): `mtp_trace`. Record, per verify pass, how many drafts
+            each row accepted (`output.mtp_stats.trace`).
+    """
+
+    speculate: bool = True
+    depth: int | str = "auto"
+    tree: None | bool | list = None
+    trace: bool = False
+
+    @classmethod
+    def pop_from(cls, kwargs: dict[str, Any]) -> SpeculationOptions:
+        """Remove the `mtp_*` options from `generate` keyword arguments and validate them.
+
+        Raises:
+            ValueError: an option has a value it cannot take (the message names it and the fix).
+        """
+        options = cls(
+            speculate=kwargs.pop("mtp_speculate", True),
+            depth=kwargs.pop("mtp_depth", "auto"),
+            tree=kwargs.pop("mtp_tree", None),
+            trace=kwargs.pop("mtp_trace", False),
+        )
+        if not isinstance(options.speculate, bool):
+            raise ValueError(f"`mtp_speculate` must be True or False, got {options.speculate!r}.")
+        depth = options.depth
+        if not (depth == "auto" or (isinstance(depth, int) and not isinstance(depth, bool) and depth >= 0)):
+            raise ValueError(f"`mtp_depth` must be an integer >= 0 (drafts per step) or 'auto', got {depth!r}.")
+        if not (options.tree is None or isinstance(options.tree, (bool, list, tuple))):
+            raise ValueError(
+                f"`mtp_tree` must be None (chain), True (default tree) or a list of paths such as "
+                f"[(0,), (1,), (0, 0)], got {options.tree!r}."
+            )
+        return options
+
+    def max_depth(self, num_heads: int) -> int:
+        """The deepest drafts these options allow with `num_heads` heads.
+
+        Raises:
+            ValueError: `mtp_depth` is larger than the number of heads.
+        """
+        if isinstance(self.depth, int):
+            if self.depth > num_heads:
+                raise ValueError(
+                    f"`mtp_depth`={self.depth} asks for more drafts than the adapter has heads ({num_heads}); use "
+                    f"0..{num_heads} or 'auto'."
+                )
+            return self.depth
+        return num_heads
+
+    def tree_paths(self, depth: int) -> list[Path]:
+        """The full draft shape (before any cut by the automatic depth) for `depth` heads."""
+        if self.tree is None or self.tree is False:
+            return chain_paths(depth)
+        if self.tree is True:
+            return default_tree_paths(depth) if depth else []
+        return [tuple(p) if not isinstance(p, int) else (p,) for p in self.tree]
+
+
+class DraftShapes:
+    """The draft tree to use at each depth, built once per `generate` call.
+
+    Args:
+        paths: the full shape (list of paths; empty for no drafting).
+        max_depth: heads available.
+    """
+
+    def __init__(self, paths: list[Path], max_depth: int):
+        self.trees: dict[int, DraftTree] = {}
+        full = DraftTree.from_paths(paths, max_depth)
+        self.max_depth = full.depth
+        for depth in range(self.max_depth + 1):
+            self.trees[depth] = DraftTree.from_paths([p for p in paths if len(p) <= depth], max_depth)
+        self.is_chain = full.is_chain
+
+    def tree(self, depth: int) -> DraftTree:
+        """The tree cut at `depth` (depth 0: the root only)."""
+        return self.trees[depth]
+
+
+class DepthController:
+    """Picks the draft depth per step: fixed, or the one with the best measured tokens per second.
+
+    The automatic mode keeps, per depth d, the chance that drafts 1..d are all accepted given that
+    1..d-1 were (decayed counts, so it follows the text as it changes), and the measured time of a
+    step at each depth used (an exponential average; depths not measured yet are extrapolated from
+    the ones that were, assuming a step grows linearly with the drafts it verifies). It picks
+    argmax_d E[tokens | d] / time(d), with E[tokens | d] = 1 + sum_{k<=d} prod_{j<=k} r_j, and
+    tries one depth deeper every `probe_every` steps so that deeper heads keep being measured.
+
+    Args:
+        max_depth: deepest drafts allowed.
+        fixed: a fixed depth, or None for the automatic mode.
+        probe_every: steps between probes of a deeper depth (automatic mode).
+        decay: weight kept by past counts at each step (automatic mode).
+    """
+
+    def __init__(self, max_depth: int, fixed: int | None, probe_every: int = 8, decay: float = 0.97):
+        self.max_depth = max_depth
+        self.fixed = fixed
+        self.probe_every = probe_every
+        self.decay = decay
+        # Prior: one accepted and one rejected draft per depth (r = 0.5), so nothing is ruled out unseen.
+        self.hits = [1.0] * max_depth
+        self.tries = [2.0] * max_depth
+        self.times: dict[int, float] = {}
+        self.steps = 0
+        self.best = max_depth
+
+    def choose(self) -> int:
+        """The depth to draft at this step."""
+        if self.fixed is not None:
+            return min(self.fixed, self.max_depth)
+        self.steps += 1
+        if self.steps <= 2 or not self.times:
+            return self.max_depth  # measure every head first
+        self.best = max(range(self.max_depth + 1), key=self._rate)
+        if self.steps % self.probe_every == 0 and self.best < self.max_depth:
+            return self.best + 1
+        return self.best
+
+    def record(self, depth: int, accepted: list[int], seconds: float) -> None:
+        """Feed back one step: its depth, the drafts accepted per row, and its wall time."""
+        if self.fixed is not None:
+            return
+        self.hits = [h * self.decay for h in self.hits]
+        self.tries = [t * self.decay for t in self.tries]
+        for count in accepted:
+            for k in range(min(depth, count + 1)):  # draft k+1 was tried iff drafts 1..k were accepted
+                self.tries[k] += 1.0
+                if count > k:
+                    self.hits[k] += 1.0
+        previous = self.times.get(depth)
+        self.times[depth] = seconds if previous is None else 0.7 * previous + 0.3 * seconds
+
+    def expected_tokens(self, depth: int) -> float:
+        """Expected tokens per row per step when drafting `depth` tokens."""
+        total, chance = 1.0, 1.0
+        for k in range(depth):
+            chance *= self.hits[k] / self.tries[k]
+            total += chance
+        return total
+
+    def _time(self, depth: int) -> float:
+        if depth in self.times:
+            return self.times[depth]
+        known = sorted(self.times)
+        if len(known) >= 2:
+            (d0, t0), (d1, t1) = (known[0], self.times[known[0]]), (known[-1], self.times[known[-1]])
+            slope = max((t1 - t0) / (d1 - d0), 0.0)
+        else:
+            d0, t0 = known[0], self.times[known[0]]
+            slope = 0.05 * t0  # prior: one more verified token costs ~5% of a CPU step
+        return max(t0 + slope * (depth - d0), 1e-9)
+
+    def _rate(self, depth: int) -> float:
+        rate = self.expected_tokens(depth) / self._time(depth)
+        return rate if math.isfinite(rate) else 0.0

@@ -1,0 +1,206 @@
+"""Draft trees: shapes given as data (a list of paths), turned into index tensors and masks once.
+
+A draft tree has a root, the token the model has already chosen (verified, not yet fed to it), and
+one node per path. A path `(r1, r2, ..., rd)` is the node reached by taking head 1's candidate of
+rank r1 (0 = its most likely token), then head 2's candidate of rank r2, and so on: the node sits
+at depth d and holds head d's candidate of rank rd. Medusa stores its trees the same way. A chain
+of depth m is the tree `[(0,), (0, 0), ..., (0,) * m]`.
+
+Nodes are numbered root first, then by depth, then by path, so a parent always comes before its
+children: the verify pass can feed them in this order with a mask that lets each node read its
+ancestors only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+Path = tuple[int, ...]
+
+
+def chain_paths(depth: int) -> list[Path]:
+    """The paths of a chain of `depth` drafts (each head's top candidate, one after the other)."""
+    return [(0,) * d for d in range(1, depth + 1)]
+
+
+def default_tree_paths(depth: int) -> list[Path]:
+    """A small tree for `depth` heads, sized for CPUs, where verifying a token costs nearly as much as a step.
+
+    It keeps the top chain and adds the runner-up candidates where they pay most (near the root):
+    3 candidates for head 1, 2 for head 2 under the top candidate, then the top chain continues
+    from the two best depth-2 nodes. 4 heads give 11 nodes (12 tokens verified per step).
+
+    Args:
+        depth: number of heads to draft with (>= 1).
+
+    Returns:
+        A list of paths (see the module docstring).
+    """
+    if depth < 1:
+        raise ValueError(f"A draft tree needs depth >= 1, got {depth}.")
+    paths: list[Path] = [(0,), (1,), (2,)]
+    if depth >= 2:
+        paths += [(0, 0), (0, 1), (1, 0)]
+    for d in range(3, depth + 1):
+        paths += [(0,) * d, (0, 1) + (0,) * (d - 2)]
+    return paths
+
+
+@dataclass
+class DraftTree:
+    """A draft tree turned into tensors (built once per `generate` call by `DraftTree.from_paths`).
+
+    Attributes:
+        paths: the node paths, in node order (node 0, the root, has the empty path).
+        depths: `(N,)` depth of each node (root 0).
+        parents: `(N,)` parent node of each node (root -1).
+        ranks: `(N,)` candidate rank of each node within its head's top-k (root 0).
+        ancestor_mask: `(N, N)` bool, `[i, j]` True iff node j is node i or one of its ancestors: what
+            node i may read during verification.
+        topk: `(D,)` number of candidates needed from head k (k = 1..D), `topk[k-1]`.
+        is_chain: whether the tree is a single chain (verified with the model's own causal mask).
+    """
+
+    paths: list[Path]
+    depths: torch.Tensor
+    parents: torch.Tensor
+    ranks: torch.Tensor
+    ancestor_mask: torch.Tensor
+    topk: list[int]
+    is_chain: bool
+
+    @property
+    def num_nodes(self) -> int:
+        """Nodes including the root (the number of tokens one verify pass feeds per row)."""
+        return len(self.paths)
+
+    @property
+    def depth(self) -> int:
+        """Depth of the deepest node (the number of heads the tree drafts with)."""
+        return len(self.topk)
+
+    @classmethod
+    def from_paths(cls, paths: Sequence[Sequence[int]], max_depth: int) -> DraftTree:
+        """Validate a list of paths and build the tree's tensors.
+
+        Args:
+            paths: node paths, each a non-empty sequence of candidate ranks (>= 0), one per depth.
+                Every prefix of a path must be a path too (a node needs its parent). An empty list
+                gives the root alone (no drafts).
+            max_depth: number of heads available (a path may not be longer).
+
+        Returns:
+            The `DraftTree`.
+
+        Raises:
+            ValueError: a path is empty, has a negative or non-integer rank, is repeated, is longer than
+                `max_depth`, or lacks its parent.
+        """
+        normalised: list[Path] = []
+        for path in paths:
+            if isinstance(path, int):
+                path = (path,)
+            path = tuple(path)
+            if not path or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in path):
+                raise ValueError(
+                    f"`mtp_tree`: every path must be a non-empty tuple of candidate ranks >= 0, got {path!r}."
+                )
+            normalised.append(path)
+        if len(set(normalised)) != len(normalised):
+            raise ValueError(f"`mtp_tree` repeats a path: {sorted(p for p in normalised if normalised.count(p) > 1)}.")
+        present = set(normalised)
+        for path in normalised:
+            if len(path) > max_depth:
+                raise ValueError(
+                    f"`mtp_tree` path {path} has depth {len(path)}, but only {max_depth} heads draft "
+                    f"(set by `num_heads` and `mtp_depth`); shorten it or allow more depth."
+                )
+            if len(path) > 1 and path[:-1] not in present:
+                raise ValueError(f"`mtp_tree` path {path} lacks its parent {path[:-1]}; add it to the list.")
+
+        ordered: list[Path] = [()] + sorted(normalised, key=lambda p: (len(p), p))
+        index = {path: i for i, path in enumerate(ordered)}
+        n = len(ordered)
+        parents = torch.tensor([-1] + [index[p[:-1]] for p in ordered[1:]], dtype=torch.long)
+        depths = torch.tensor([len(p) for p in ordered], dtype=torch.long)
+        ranks = torch.tensor([0] + [p[-1] for p in ordered[1:]], dtype=torch.long)
+        ancestor_mask = torch.zeros(n, n, dtype=torch.bool)
+        for i, path in enumerate(ordered):
+            for d in range(len(path) + 1):
+                ancestor_mask[i, index[path[:d]]] = True
+        depth = int(depths.max())  # 0 for the root alone (no drafts)
+        topk = [int(ranks[depths == d].max()) + 1 for d in range(1, depth + 1)]
+        is_chain = all(path == (0,) * len(path) for path in ordered) and n == depth + 1
+        return cls(ordered, depths, parents, ranks, ancestor_mask, topk, is_chain)
+
+    def to(self, device: torch.device) -> DraftTree:
+        """The same tree with its tensors on `device`."""
+        return DraftTree(self.paths, self.depths.to(device), self.parents.to(device), self.ranks.to(device),
+                         self.ancestor_mask.to(device), self.topk, self.is_chain)
+
+    def node_tokens(self, root: torch.Tensor, candidates: list[torch.Tensor]) -> torch.Tensor:
+        """The token of every node, per row.
+
+        Args:
+            root: `(B,)` the root token (the model's own choice, already verified).
+            candidates: for each depth k = 1..D, `(B, topk[k-1])` head k's candidates, best first.
+
+        Returns:
+            `(B, N)` token ids in node order.
+        """
+        columns = [root[:, None]]
+        for i in range(1, self.num_nodes):
+            d, r = int(self.depths[i]), int(self.ranks[i])
+            columns.append(candidates[d - 1][:, r : r + 1])
+        return torch.cat(columns, dim=1)
+
+    def accept(self, tokens: torch.Tensor, choices: torch.Tensor) -> torch.Tensor:
+        """Find, per row, the deepest node whose whole path the model agrees with.
+
+        Node i is accepted when its parent is accepted and its token is what the model chose at its
+        parent (`choices[:, parent]`: the argmax for greedy, a fresh sample for sampling). The root is
+        always accepted. Sibling candidates are distinct tokens, so at most one node per depth is
+        accepted and the accepted nodes form one path.
+
+        Args:
+            tokens: `(B, N)` node tokens (`node_tokens`).
+            choices: `(B, N)` the model's choice of the token after each node.
+
+        Returns:
+            `(B,)` index of the deepest accepted node of each row.
+        """
+        batch = tokens.shape[0]
+        accepted = torch.zeros(batch, self.num_nodes, dtype=torch.bool, device=tokens.device)
+        accepted[:, 0] = True
+        if self.num_nodes > 1:
+            parents = self.parents[1:]
+            match = tokens[:, 1:] == choices[:, parents]  # (B, N-1): node agrees with its parent's choice
+            # Parents come before children, so one sweep in node order propagates acceptance down the tree.
+            for i in range(1, self.num_nodes):
+                accepted[:, i] = match[:, i - 1] & accepted[:, int(self.parents[i])]
+        depth_of_accepted = torch.where(accepted, self.depths[None, :], -1)
+        return depth_of_accepted.argmax(dim=1)
+
+    def path_to(self, node: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The nodes from the root to `node`, per row, padded at the end.
+
+        Args:
+            node: `(B,)` node indices.
+
+        Returns:
+            `(B, D + 1)` node indices along each path (root first; entries past the node repeat it), and
+            `(B,)` path lengths (node depth + 1).
+        """
+        lengths = self.depths[node] + 1
+        steps = [node]
+        for _ in range(self.depth):
+            steps.append(torch.where(self.parents[steps[-1]] >= 0, self.parents[steps[-1]], steps[-1]))
+        stacked = torch.stack(steps[::-1], dim=1)  # (B, D + 1): ancestors first, the node repeated at the end
+        # Rows whose node is shallower than D have the root repeated at the start; shift them left.
+        shift = self.depth - self.depths[node]  # (B,)
+        columns = torch.arange(self.depth + 1, device=node.device)[None, :] + shift[:, None]
+        columns = columns.clamp(max=self.depth)
+        return stacked.gather(1, columns), lengths

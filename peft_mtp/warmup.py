@@ -1,0 +1,238 @@
+"""Warm-start MTP heads on cached trunk outputs: one trunk pass, then many cheap head epochs.
+
+With a frozen trunk (no trunk LoRA, Medusa-1 style) the trunk output of a training sequence never
+changes, yet a trainer recomputes it at every step of every epoch. On a CPU that forward costs about
+as much as everything the heads do, so caching it once (`cache_trunk_outputs`) and training the heads
+on the cache (`warmup_heads`) buys two to three times more head epochs in the same time. The cache
+also records the arguments the trunk gave its last decoder layers (masks, rotary embeddings), so
+heads built from decoder layers (`identical`, `sequential`) train on it too.
+
+Training on the cache can also score a *vocabulary subset* (the tokens that occur as targets): with
+self-distilled data a few thousand tokens out of tens of thousands, which cuts the unembedding, the
+largest cost left, by an order of magnitude. Logits of tokens outside the subset are then not pushed
+down, so follow the warm-up with a full-vocabulary phase (e.g. TRL's `SFTTrainer`, which this module
+does not replace) and measure acceptance with full-vocabulary logits.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .alignment import IGNORE_INDEX, head_targets
+from .heads import HeadContext
+
+
+@dataclass
+class TrunkOutputBatch:
+    """One batch of training sequences with the frozen trunk's output on them.
+
+    Attributes:
+        input_ids: `(B, T)` tokens.
+        attention_mask: `(B, T)` padding mask (1 = real token).
+        labels: `(B, T)` unshifted labels, -100 where no head should learn (prompt, padding).
+        hidden: `(B, T, H)` trunk output (the hidden state entering the final norm).
+        layer_kwargs: what the trunk passed its last decoder layers (see `Trunk.capture`).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    hidden: torch.Tensor
+    layer_kwargs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of real (non-padding) tokens."""
+        return int(self.attention_mask.sum())
+
+
+def _tuner(model):
+    """The `MTPModel` inside a `PeftModel` (or the tuner itself)."""
+    tuner = getattr(model, "base_model", model)
+    if not hasattr(tuner, "active_heads"):
+        raise TypeError(f"Expected a PeftModel with MTP heads (get_peft_model(model, MTPConfig(...))), got "
+                        f"{type(model).__name__}.")
+    return tuner
+
+
+def _check_frozen_trunk(tuner) -> None:
+    if tuner.active_config().lora_config is not None:
+        raise ValueError(
+            "Cached trunk outputs need a frozen trunk, but the MTP config has a `lora_config` (the trunk trains, so "
+            "its outputs change every step). Train such adapters with the trainer directly."
+        )
+
+
+@torch.no_grad()
+def cache_trunk_outputs(model, batches: Iterable[dict[str, torch.Tensor]], progress: bool = True) -> list[TrunkOutputBatch]:
+    """Run the frozen trunk once over training batches and keep its output.
+
+    Args:
+        model: a `PeftModel` with MTP heads and no trunk LoRA.
+        batches: dicts with `input_ids`, `attention_mask` and `labels` (`(B, T)` each, right-padded).
+        progress: show a progress bar.
+
+    Returns:
+        One `TrunkOutputBatch` per input batch, on the model's device.
+    """
+    from tqdm.auto import tqdm
+
+    tuner = _tuner(model)
+    _check_frozen_trunk(tuner)
+    trunk, heads = tuner.get_trunk(), tuner.active_heads()
+    device = trunk.unembedding.weight.device
+    batches = list(batches)
+    cached = []
+    for batch in tqdm(batches, desc="Caching trunk outputs", unit="batch", disable=not progress):
+        batch = {key: value.to(device) for key, value in batch.items()}
+        with trunk.capture(num_layer_kwargs=heads.num_layer_kwargs) as captured:
+            # logits_to_keep=1: the model's own logits are not needed, only the trunk output.
+            tuner.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1,
+                        use_cache=False)
+        cached.append(TrunkOutputBatch(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                       captured.hidden, captured.layer_kwargs))
+    return cached
+
+
+def target_vocabulary(batches: Sequence[TrunkOutputBatch]) -> torch.Tensor:
+    """Sorted ids of every token that occurs as a label (the tokens heads must learn to predict)."""
+    labels = torch.cat([batch.labels.flatten() for batch in batches])
+    return labels[labels != IGNORE_INDEX].unique()
+
+
+@dataclass
+class WarmupResult:
+    """What `warmup_heads` did.
+
+    Attributes:
+        steps: optimizer steps taken.
+        seconds: wall time of the training loop.
+        head_losses: mean loss of each head over the last epoch.
+        head_accuracies: top-1 accuracy of each head over the last epoch (against the subset if one was used).
+    """
+
+    steps: int
+    seconds: float
+    head_losses: list[float]
+    head_accuracies: list[float]
+
+
+def warmup_heads(
+    model,
+    batches: Sequence[TrunkOutputBatch],
+    epochs: float = 4.0,
+    learning_rate: float = 1e-3,
+    vocabulary: Optional[torch.Tensor] = None,
+    weight_decay: float = 0.0,
+    warmup_ratio: float = 0.05,
+    max_grad_norm: float = 1.0,
+    time_limit_s: Optional[float] = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> WarmupResult:
+    """Train the active MTP heads on cached trunk outputs (AdamW, linear warm-up then cosine decay).
+
+    The loss is the config's weighted per-head cross-entropy against tokens t+1+k (`alignment.head_targets`),
+    the same objective the trainer's MTP loss optimises.
+
+    Args:
+        model: the `PeftModel` whose heads the batches were cached for.
+        batches: output of `cache_trunk_outputs`.
+        epochs: passes over the batches (fractions allowed).
+        learning_rate: peak learning rate.
+        vocabulary: optional sorted token ids to score instead of the whole vocabulary (see the module docstring);
+            every label must be in it (`target_vocabulary` gives the smallest such set).
+        weight_decay: AdamW weight decay.
+        warmup_ratio: share of the steps spent warming the learning rate up.
+        max_grad_norm: gradient clipping norm.
+        time_limit_s: stop early when the loop has run this long (the schedule is not stretched).
+        seed: seed of the batch order.
+        progress: show a progress bar.
+
+    Returns:
+        A `WarmupResult`. The model is left in eval mode.
+    """
+    from tqdm.auto import tqdm
+
+    tuner = _tuner(model)
+    _check_frozen_trunk(tuner)
+    trunk, heads, config = tuner.get_trunk(), tuner.active_heads(), tuner.active_config()
+    weights = config.head_loss_weights()
+    num_heads = heads.num_heads
+    unembeddings = [_scoring_weight(heads, trunk, k, vocabulary) for k in range(1, num_heads + 1)]
+    remap = None
+    if vocabulary is not None:
+        remap = torch.full((trunk.vocab_size,), IGNORE_INDEX, dtype=torch.long, device=vocabulary.device)
+        remap[vocabulary] = torch.arange(len(vocabulary), device=vocabulary.device)
+
+    params = [p for p in heads.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95))
+    total = max(1, int(round(epochs * len(batches))))
+    warmup = max(1, int(warmup_ratio * total))
+
+    def schedule(step: int) -> float:
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    rng = random.Random(seed)
+    losses, hits, counts = torch.zeros(num_heads), torch.zeros(num_heads), torch.zeros(num_heads)
+    heads.train()
+    start, step = time.perf_counter(), 0
+    bar = tqdm(total=total, desc="Warming up heads on cached trunk outputs", unit="step", disable=not progress)
+    while step < total:
+        order = list(range(len(batches)))
+        rng.shuffle(order)
+        if step + len(order) >= total:  # last (partial) epoch: reset the running metrics to report it alone
+            losses.zero_(), hits.zero_(), counts.zero_()
+        for index in order[: total - step]:
+            batch = batches[index]
+            context = HeadContext(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                  layer_kwargs=batch.layer_kwargs, embed=trunk.embed)
+            head_hidden = heads(batch.hidden, context)  # (B, T, K, H)
+            loss = head_hidden.new_zeros(())
+            for k in range(1, num_heads + 1):
+                targets = head_targets(batch.labels, k)  # (B, T), -100 where head k has no target
+                valid = targets != IGNORE_INDEX
+                if not valid.any():
+                    continue
+                logits = _subset_logits(trunk, head_hidden[:, :, k - 1][valid], unembeddings[k - 1])  # (N, V')
+                y = targets[valid] if remap is None else remap[targets[valid]]
+                head_loss = F.cross_entropy(logits.float(), y)
+                loss = loss + weights[k - 1] * head_loss
+                losses[k - 1] += head_loss.item() * len(y)
+                hits[k - 1] += (logits.argmax(-1) == y).sum().item()
+                counts[k - 1] += len(y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", head1_acc=f"{hits[0] / max(counts[0], 1):.2f}")
+            if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
+                total = step  # out of time: stop here
+                break
+    bar.close()
+    heads.eval()
+    counts = counts.clamp(min=1)
+    return WarmupResult(step, time.perf_counter() - start, (losses / counts).tolist(), (hits / counts).tolist())
+
+
+def _scoring_weight(heads, trunk, k: int, vocabulary: Optional[torch.Tensor]) -> torch.Tensor:
+    """Unembedding rows head k is scored against: its own or the model's, restricted to `vocabulary`."""
+    own = heads.unembedding_of(k)
+    weight = (trunk.unembedding if own is None else own).weight
+    return weight if vocabulary is None else weight[vocabulary]
+
+
+def _subset_logits(trunk, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`(N, H)` head hidden states -> `(N, V')` logits, as `Trunk.logits` computes them, over some unembedding rows."""
+    return trunk.transform_logits(F.linear(trunk.final_norm(hidden), weight))
