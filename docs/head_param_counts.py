@@ -12,6 +12,8 @@ random weights are enough to count. Nothing is downloaded.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import transformers
 from peft import get_peft_model
@@ -25,27 +27,32 @@ SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_attention_heads
 
 def head_parameters(base: torch.nn.Module, head_type: str, **kwargs) -> int:
     """Parameters of ONE head of `head_type` (the adapter's trainable parameters over K=2 heads, halved)."""
-    model = get_peft_model(base, MTPConfig(num_heads=2, head_type=head_type, **kwargs))
-    count = sum(p.numel() for p in model.base_model.mtp.mtp_heads["default"].parameters())
-    model.unload()  # detach the heads again so the next count starts from the bare model
-    return count // 2
+    model = get_peft_model(copy.deepcopy(base), MTPConfig(num_heads=2, head_type=head_type, **kwargs))
+    return sum(p.numel() for p in model.base_model.mtp.mtp_heads["default"].parameters()) // 2
 
 
 def main() -> None:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(num_hidden_layers=2, **SMOLLM2_135M)
     base = transformers.LlamaForCausalLM(config).eval()
-    base_total = 134_515_008  # SmolLM2-135M with its 30 layers (the 2-layer stand-in is smaller)
+    # SmolLM2-135M itself: the stand-in plus the 28 decoder layers it leaves out.
+    layer = sum(p.numel() for p in base.model.layers[0].parameters())
+    base_total = sum(p.numel() for p in base.parameters()) + 28 * layer
     hidden, vocab = config.hidden_size, config.vocab_size
-    print(f"hidden {hidden}, vocab {vocab}: an unembedding copy (share_unembedding=False) is {hidden * vocab:,} "
-          "parameters per head\n")
-    print("| head_type | parameters per head (num_layers=1) | K=4 heads | % of the 135M model | per extra layer |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"SmolLM2-135M: {base_total:,} parameters; hidden {hidden}, vocab {vocab}: an unembedding copy "
+          f"(share_unembedding=False) is {hidden * vocab:,} parameters per head\n")
+    # Per position, a head multiplies by each of its weights once (attention and convolution add a term that grows
+    # with the context), then by the unembedding: about `parameters + hidden * vocab` multiply-adds. The model's
+    # own forward is about its parameter count per token (the tied unembedding is used once, the lookup is free).
+    print("| head_type | parameters per head (num_layers=1) | K=4 heads | % of the model | per extra layer "
+          "| multiply-adds per position, one head with the unembedding | % of a model forward |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for head_type in HEAD_TYPES:
         one = head_parameters(base, head_type)
         two = head_parameters(base, head_type, num_layers=2)
-        print(f"| `{head_type}` | {one:,} | {4 * one:,} | {100 * 4 * one / base_total:.1f}% | {two - one:,} |")
-
+        per_position = one + hidden * vocab
+        print(f"| `{head_type}` | {one:,} | {4 * one:,} | {100 * 4 * one / base_total:.1f}% | {two - one:,} "
+              f"| {per_position / 1e6:.1f}M | {100 * per_position / base_total:.0f}% |")
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,6 @@ import inspect
 import os
 import random
 import re
-from typing import Optional
 
 import datasets
 
@@ -123,7 +122,7 @@ def stdlib_prompts(modules: tuple[str, ...], seed: int = 0, code_fraction: float
     return datasets.Dataset.from_list(rows)
 
 
-def prompt_splits(num_eval_code: int = 24, num_train_chat: Optional[int] = None, num_eval_chat: int = 24,
+def prompt_splits(num_eval_code: int = 24, num_train_chat: int | None = None, num_eval_chat: int = 24,
                   seed: int = 0) -> datasets.DatasetDict:
     """Training prompts and held-out evaluation prompts that training never sees.
 

@@ -18,7 +18,6 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 
@@ -66,7 +65,7 @@ def _fingerprint(path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def convert_gguf(gguf_path: Union[str, Path], output_dir: Union[str, Path], dtype: torch.dtype = torch.float32) -> Path:
+def convert_gguf(gguf_path: str | Path, output_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """De-quantise a GGUF checkpoint into a safetensors folder (model + tokenizer) that loads in seconds.
 
     transformers refuses to `save_pretrained` a GGUF-loaded model ("quantized with gguf and is not serializable")
@@ -100,7 +99,7 @@ def convert_gguf(gguf_path: Union[str, Path], output_dir: Union[str, Path], dtyp
     return output_dir
 
 
-def model_path(gguf_path: Optional[Union[str, Path]] = None, verbose: bool = True) -> Path:
+def model_path(gguf_path: str | Path | None = None, verbose: bool = True) -> Path:
     """The cached safetensors folder of the real model, converting the GGUF file on first use.
 
     Args:
@@ -124,13 +123,13 @@ def model_path(gguf_path: Optional[Union[str, Path]] = None, verbose: bool = Tru
     return folder
 
 
-def default_dtype(device: Union[str, torch.device]) -> torch.dtype:
+def default_dtype(device: str | torch.device) -> torch.dtype:
     """bf16 on CUDA; float32 on CPU, where bf16 matmuls without native support are ~10x slower."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def load_model_and_tokenizer(path: Optional[Union[str, Path]] = None, device: Optional[str] = None,
-                             dtype: Optional[torch.dtype] = None):
+def load_model_and_tokenizer(path: str | Path | None = None, device: str | None = None,
+                             dtype: torch.dtype | None = None):
     """Load a causal LM and its tokenizer: the cached real model by default.
 
     Args:

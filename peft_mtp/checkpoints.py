@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import re
-from typing import Optional
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -50,7 +49,7 @@ def is_complete_checkpoint(path: str) -> bool:
     return match is None or state.get("global_step") == int(match.group(1))
 
 
-def last_complete_checkpoint(output_dir: str) -> Optional[str]:
+def last_complete_checkpoint(output_dir: str) -> str | None:
     """The newest complete `checkpoint-N` folder in `output_dir`, for `trainer.train(resume_from_checkpoint=...)`.
 
     Incomplete checkpoints (left by a run killed while saving) are skipped with a warning, not deleted.

@@ -14,18 +14,19 @@ combinations that would fail late, obscurely, or silently:
   cannot read them. `check_distributed_setup` asks for `FULL_STATE_DICT`, where every checkpoint is a
   normal adapter.
 
-`DistributedSetupCallback` runs `check_distributed_setup` when a Trainer is constructed:
-
-    trainer = SFTTrainer(..., callbacks=[DistributedSetupCallback()])
+Both run by themselves: `check_base_weights_materialized` when heads are attached (`get_peft_model`,
+`PeftModel.from_pretrained`), `check_distributed_setup` when SFTTrainer is constructed
+(`peft_mtp.training.attach_trainer`). With another trainer, call `check_distributed_setup(trainer.args)`
+after constructing it.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 from torch import nn
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainingArguments
 
 DOCS = "docs/distributed.md"
 
@@ -51,9 +52,10 @@ def check_base_weights_materialized(model: nn.Module) -> None:
         raise ValueError(
             "The base model was loaded under DeepSpeed ZeRO-3 `zero.Init`: each process holds only a partition "
             "of its weights, and MTP heads are built from them (sizes, a probe forward pass, copies of decoder "
-            "layers). Load the model without `zero.Init` and let ZeRO-3 partition it when training starts: set "
-            "`zero3_init_flag: false` in the accelerate config, or create the model (and `get_peft_model`) before "
-            f"the `TrainingArguments`/`SFTConfig` that names the DeepSpeed config. See {DOCS}."
+            "layers). Create the model and its heads (`get_peft_model`) BEFORE the `TrainingArguments`/`SFTConfig` "
+            "that names the ZeRO-3 config, and pass the PeftModel to the trainer: ZeRO-3 then partitions it when "
+            "training starts. (transformers applies `zero.Init` whenever such arguments exist, whatever accelerate's "
+            f"`zero3_init_flag` says.) Or use ZeRO-2. See {DOCS}."
         )
     if any(p.is_meta for p in parameters) and _env_flag("ACCELERATE_USE_FSDP"):
         raise ValueError(
@@ -63,11 +65,11 @@ def check_base_weights_materialized(model: nn.Module) -> None:
         )
 
 
-def check_distributed_setup(args: TrainingArguments, state: Optional[Any] = None) -> None:
+def check_distributed_setup(args: TrainingArguments, state: Any | None = None) -> None:
     """Refuse distributed settings under which MTP heads cannot train or save as asked.
 
-    Call it after the Trainer exists (its accelerator decides the setup), e.g. through
-    `DistributedSetupCallback`.
+    Call it after the Trainer exists: its accelerator decides the setup. SFTTrainer calls it through
+    `peft_mtp.training.attach_trainer`.
 
     Args:
         args: the Trainer's training arguments (`TrainingArguments` or `SFTConfig`).
@@ -83,13 +85,15 @@ def check_distributed_setup(args: TrainingArguments, state: Optional[Any] = None
         if not is_initialized():
             return  # no accelerator yet: nothing distributed to check
         state = AcceleratorState()
-    distributed_type = str(getattr(state, "distributed_type", ""))
+    distributed_type = getattr(state, "distributed_type", None)
+    distributed_type = getattr(distributed_type, "value", distributed_type)  # "MULTI_CPU", not the enum's repr
     fsdp_plugin = getattr(state, "fsdp_plugin", None)
-    fsdp_requested = bool(args.fsdp) or _env_flag("ACCELERATE_USE_FSDP")
-    if fsdp_requested and fsdp_plugin is None:
+    if (args.fsdp or _env_flag("ACCELERATE_USE_FSDP")) and fsdp_plugin is None:
+        source = (f"`fsdp={args.fsdp!r}` in the training arguments" if args.fsdp
+                  else "the accelerate config (`distributed_type: FSDP`)")
         raise ValueError(
-            f"FSDP was requested (`fsdp={args.fsdp!r}` in the training arguments or an accelerate FSDP config), but "
-            f"accelerate runs this job as {distributed_type or 'a single process'} without FSDP. accelerate enables "
+            f"FSDP was requested by {source}, but accelerate runs this job as "
+            f"{distributed_type or 'a single process'} without FSDP. accelerate enables "
             "FSDP only on GPUs and other accelerators: with `use_cpu=True` (or no GPU) it drops the FSDP config and "
             "trains with plain DDP, sharding nothing. On CPU, launch with examples/accelerate/ddp.yaml (or torchrun) "
             f"instead. See {DOCS}."
@@ -103,11 +107,3 @@ def check_distributed_setup(args: TrainingArguments, state: Optional[Any] = None
                 "FULL_STATE_DICT` in the accelerate config (or `state_dict_type` in `fsdp_config`): every "
                 f"checkpoint is then a normal adapter (only the heads' weights are written). See {DOCS}."
             )
-
-
-class DistributedSetupCallback(TrainerCallback):
-    """Run `check_distributed_setup` when the Trainer has been constructed, before any data or step."""
-
-    def on_init_end(self, args: TrainingArguments, state, control, **kwargs):
-        check_distributed_setup(args)
-        return control

@@ -81,10 +81,10 @@ def write_mtp_model_card(model: PeftModel, output_dir: str, repo_id: str | None 
         if repo_id is not None:
             warnings.warn(
                 f"The base model of these MTP heads is {_base_model_name(model)!r}, not a Hub repo id, so the card "
-                "pushed to the Hub names no base model. Set `model.get_base_model().config._name_or_path` and "
-                "`model.get_base_model().name_or_path` to the base model's repo id before `push_to_hub`.",
+                "pushed to the Hub names no base model. Set `model.peft_config[name].base_model_name_or_path` to "
+                "the base model's repo id before `push_to_hub` (see docs/saving_loading.md).",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,  # write_mtp_model_card < _upload_modified_files < push_to_hub < the caller
             )
     card.data.tags = sorted(tags)
     card.text = _with_section(card.text, _mtp_section(model, base_model, repo_id))
@@ -134,7 +134,8 @@ def _base_model_name(model: PeftModel) -> str:
 
 def _hub_base_model(model: PeftModel, card: ModelCard) -> str | None:
     """The base model's Hub repo id, or None when it has none (built from a config, or loaded from a folder)."""
-    for name in (card.data.get("base_model"), _base_model_name(model)):
+    recorded = [model.peft_config[name].base_model_name_or_path for name in mtp_adapter_names(model)]
+    for name in (card.data.get("base_model"), _base_model_name(model), *recorded):
         if not isinstance(name, str) or not name or os.path.isdir(name):
             continue
         try:

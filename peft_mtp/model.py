@@ -28,11 +28,17 @@ from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 
 from .alignment import IGNORE_INDEX
 from .config import MTPConfig
+from .distributed import check_base_weights_materialized
 from .heads import HeadContext, MTPHeadStack
 from .layer import MTPHeadsLayer
 from .loss import MTPLossOutput, Unembedding, mtp_loss
 from .training import attach_from_caller, fold_mtp_loss, get_link, trunk_is_frozen, warn_if_unlinked
 from .trunk import Trunk
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support has no sharded parameters
+    DTensor = ()
 
 
 @dataclass
@@ -99,6 +105,7 @@ class MTPModel(BaseTuner):
         """Build the heads of `adapter_name` (and inject its trunk LoRA, if configured)."""
         config: MTPConfig = self.peft_config[adapter_name]
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage, state_dict=None)
+        check_base_weights_materialized(model)  # not partitioned by ZeRO-3 / FSDP loading: heads are built from them
         trunk = self.get_trunk()
         _check_base_model_fits(config, trunk)
         if "mtp" not in self._modules:
@@ -302,7 +309,8 @@ class MTPModel(BaseTuner):
         """Final norm, unembedding and logit transform of head k (k = 0: the model's own head)."""
         trunk = self.get_trunk()
         linear = (self.active_heads().unembedding_of(k) if k > 0 else None) or trunk.unembedding
-        return Unembedding(norm=trunk.final_norm, weight=linear.weight, bias=getattr(linear, "bias", None),
+        return Unembedding(norm=trunk.final_norm, weight=_unsharded(linear.weight),
+                           bias=_unsharded(getattr(linear, "bias", None)),
                            logit_scale=trunk.logit_multiplier, softcap=trunk.softcap)
 
     # Fraction of training done (0..1): moves the MTP-weight schedule. Set by the trainer hook
@@ -386,13 +394,26 @@ def _with_mtp_outputs(outputs: Any, extra: dict[str, Any]) -> Any:
         if missing:
             subclass = _MTP_OUTPUT_CLASSES.get((cls, missing))
             if subclass is None:
-                fields = [(key, Optional[torch.Tensor], dataclasses.field(default=None)) for key in missing]
+                fields = [(key, torch.Tensor | None, dataclasses.field(default=None)) for key in missing]
                 subclass = dataclasses.make_dataclass(f"MTP{cls.__name__}", fields, bases=(cls,))
                 _MTP_OUTPUT_CLASSES[(cls, missing)] = subclass
             outputs = subclass(**outputs)
     for key, value in extra.items():
         outputs[key] = value
     return outputs
+
+
+def _unsharded(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """The whole of an FSDP2-sharded parameter (a `DTensor`), else `tensor` itself.
+
+    FSDP2 gathers a module's parameters only around that module's own forward. The heads read the
+    unembedding's weight directly, and under TRL's fused head nothing calls the unembedding as a module,
+    so they can meet its shards ("mixed torch.Tensor and DTensor"). Gathering it here is what TRL does for
+    its own head; it is a collective, which every rank reaches in the same order (same heads, same steps).
+    """
+    if isinstance(tensor, DTensor):
+        return tensor.full_tensor()
+    return tensor
 
 
 def _keep_positions(head_hidden: torch.Tensor, logits_to_keep: Union[int, torch.Tensor]) -> torch.Tensor:

@@ -79,6 +79,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from .config import CONTEXTUAL_HEAD_TYPES
+from .distributed import check_distributed_setup
 
 if TYPE_CHECKING:
     from .loss import MTPLossOutput
@@ -218,14 +219,16 @@ class TrainerLink:
         stats = [result.head_loss_sums.float(), result.head_correct.float(), result.head_counts.float()]
         if next_token is not None:
             stats.append(torch.stack([t.detach().float().reshape(()) for t in next_token]))
-        flat = torch.cat(stats)
+        # The weighted loss rides along (last) so that every process's enters its mean, not rank 0's alone.
+        flat = torch.cat([*stats, result.loss.detach().float().reshape(1)])
         if trainer.accelerator.num_processes > 1:
             flat = trainer.accelerator.reduce(flat, reduction="sum")
+        mean_loss, flat = flat[-1] / trainer.accelerator.num_processes, flat[:-1]
         sums, correct, counts = flat[:num_heads], flat[num_heads:2 * num_heads], flat[2 * num_heads:3 * num_heads]
         next_token_loss = None
         if next_token is not None and flat[-1] > 0:
             next_token_loss = float(flat[-2] / flat[-1])
-        summed = types.SimpleNamespace(head_loss_sums=sums, head_correct=correct, head_counts=counts, loss=result.loss)
+        summed = types.SimpleNamespace(head_loss_sums=sums, head_correct=correct, head_counts=counts, loss=mean_loss)
         mode = "train" if training else "eval"
         for name, value in step_metrics(summed, weight, next_token_loss).items():
             trainer._metrics[mode][name].append(value)
@@ -313,6 +316,8 @@ def check_trainer_settings(trainer: Trainer, tuner: MTPModel) -> None:
             "knowing where a packed document starts. Set `packing=False` and `padding_free=False`, or use "
             f"a head type among {('linear', 'ffn', 'identical', 'sequential')}."
         )
+    # FSDP that accelerate silently drops (CPU), or FSDP checkpoints that are not adapters: see peft_mtp.distributed.
+    check_distributed_setup(args, trainer.accelerator.state)
 
 
 def mtp_param_groups(

@@ -19,8 +19,9 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -129,11 +130,11 @@ def warmup_heads(
     batches: Sequence[TrunkOutputBatch],
     epochs: float = 4.0,
     learning_rate: float = 1e-3,
-    vocabulary: Optional[torch.Tensor] = None,
+    vocabulary: torch.Tensor | None = None,
     weight_decay: float = 0.0,
     warmup_ratio: float = 0.05,
     max_grad_norm: float = 1.0,
-    time_limit_s: Optional[float] = None,
+    time_limit_s: float | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> WarmupResult:
@@ -226,7 +227,7 @@ def warmup_heads(
     return WarmupResult(step, time.perf_counter() - start, (losses / counts).tolist(), (hits / counts).tolist())
 
 
-def _scoring_weight(heads, trunk, k: int, vocabulary: Optional[torch.Tensor]) -> torch.Tensor:
+def _scoring_weight(heads, trunk, k: int, vocabulary: torch.Tensor | None) -> torch.Tensor:
     """Unembedding rows head k is scored against: its own or the model's, restricted to `vocabulary`."""
     own = heads.unembedding_of(k)
     weight = (trunk.unembedding if own is None else own).weight

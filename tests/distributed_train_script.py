@@ -116,11 +116,11 @@ def build_model(script_args: ScriptArguments):
     return get_peft_model(model, config)
 
 
-def main(script_args: ScriptArguments, training_args: SFTConfig) -> None:
+def main(script_args: ScriptArguments, model, training_args: SFTConfig) -> None:
     """Train, save the final adapter, and write `result.json` (see the module docstring)."""
     callbacks = [PauseAfterSaveCallback(script_args.pause_after_save)] if script_args.pause_after_save else []
     trainer = SFTTrainer(
-        model=build_model(script_args),
+        model=model,
         args=training_args,
         train_dataset=build_dataset(script_args.num_rows, script_args.seq_len),
         processing_class=build_tokenizer(),
@@ -145,5 +145,9 @@ def main(script_args: ScriptArguments, training_args: SFTConfig) -> None:
 
 
 if __name__ == "__main__":
-    parser = HfArgumentParser((ScriptArguments, SFTConfig))
-    main(*parser.parse_args_into_dataclasses())
+    script_args, rest = HfArgumentParser(ScriptArguments).parse_args_into_dataclasses(return_remaining_strings=True)
+    # The model and its heads come before SFTConfig: with a DeepSpeed ZeRO-3 config, creating the config makes
+    # transformers load every later model already partitioned (`zero.Init`), and heads cannot be built on that.
+    model = build_model(script_args)
+    (training_args,) = HfArgumentParser(SFTConfig).parse_args_into_dataclasses(args=rest)
+    main(script_args, model, training_args)

@@ -1,4 +1,4 @@
-"""`MTPConfig`: defaults, validation errors (each matched), head loss weights, and the nested LoRA config's round trip."""
+"""`MTPConfig`: defaults, validation errors (each matched), head loss weights, the nested LoRA config, and docs."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from testing_common import (
     TEST_CASES,
     case_params,
     make_mtp_model,
+    one_torch_thread,  # noqa: F401 (autouse fixture)
     random_ids,
     run,
 )

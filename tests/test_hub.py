@@ -22,6 +22,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, constants
 from huggingface_hub.hf_api import CommitInfo, RepoUrl
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from testing_common import one_torch_thread  # noqa: F401 (autouse fixture)
 from tiny_models import make_model
 from transformers import AutoModelForCausalLM
 
@@ -30,6 +31,12 @@ from peft_mtp.hub import CARD_TAGS, install_hub_fix
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_REPO = "testorg/tiny-llama"
+# Saving an adapter whose base has a repo id makes PEFT look up the base's config.json on the Hub (to see whether the
+# vocabulary was resized); offline, it warns and carries on, which is what these tests want.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Unable to fetch remote file due to the following error:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Could not find a config file in:UserWarning"),
+]
 
 
 class FakeHub:
@@ -109,8 +116,9 @@ def hub_base(fake_hub) -> AutoModelForCausalLM:
 # (repo id, MTPConfig kwargs): a parallel head without trunk LoRA, and a chain of decoder layers with it.
 PUSH_CASES = [
     ("testorg/tiny-mtp-ffn", dict(num_heads=2, head_type="ffn")),
-    ("testorg/tiny-mtp-seq-lora", dict(num_heads=2, head_type="sequential",
-                                       lora_config=LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))),
+    ("testorg/tiny-mtp-seq-lora", dict(
+        num_heads=2, head_type="sequential",
+        lora_config=LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))),
 ]
 
 # Run in a fresh interpreter with HF_HUB_OFFLINE=1: load the base model and the heads by repo id, write the outputs.
@@ -189,6 +197,17 @@ def test_push_of_heads_without_hub_base_model_warns_and_omits_base_model(fake_hu
     assert card.data.library_name == "peft"
     assert "base_model" not in card.data.to_dict()
     assert not [tag for tag in card.data.tags if tag.startswith("base_model:adapter:")]
+
+
+def test_repo_id_set_in_the_config_names_the_base_model_of_a_local_base(tmp_path):
+    model = get_peft_model(make_model("llama"), peft_mtp.MTPConfig(num_heads=2))
+    model.get_base_model().name_or_path = str(tmp_path)  # a base loaded from a folder: not a Hub id
+    model.peft_config["default"].base_model_name_or_path = BASE_REPO  # what docs/saving_loading.md says to do
+    model.save_pretrained(tmp_path / "heads")
+    card = ModelCard.load(tmp_path / "heads" / "README.md")
+    assert card.data.base_model == BASE_REPO
+    assert f"base_model:adapter:{BASE_REPO}" in card.data.tags
+    assert not [tag for tag in card.data.tags if str(tmp_path) in tag]
 
 
 def test_save_pretrained_card_has_mtp_section_once(tmp_path):

@@ -15,7 +15,7 @@ import torch
 from peft import AutoPeftModelForCausalLM, PeftConfig, PeftModel, PeftModelForCausalLM, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType
-from testing_common import make_mtp_model, random_ids, run
+from testing_common import make_mtp_model, one_torch_thread, random_ids, run  # noqa: F401 (autouse fixture)
 from tiny_models import make_model
 from transformers import AutoModelForCausalLM
 
@@ -155,8 +155,11 @@ def test_load_set_and_delete_adapter(tmp_path):
     with pytest.raises(ValueError, match=re.escape("Adapter 'missing' not found; available adapters: "
                                                    "['default', 'loaded'].")):
         model.base_model.set_adapter("missing")
-    model.delete_adapter("loaded")
+    with pytest.warns(UserWarning, match="Adapter loaded was active which is now deleted. Setting active adapter to "
+                                         "default."):
+        model.delete_adapter("loaded")
     assert list(model.peft_config) == ["default"] and "loaded" not in model.base_model.mtp.mtp_heads
+    assert model.active_adapters == ["default"] and run(model, random_ids()).mtp_logits.shape[2] == 2
     with pytest.raises(ValueError, match="Adapter loaded does not exist"):
         model.delete_adapter("loaded")
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
-from tiny_models import VOCAB_SIZE, make_model
+from tiny_models import VOCAB_SIZE, make_config, make_model
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from trl import SFTConfig, SFTTrainer
 
 from peft_mtp import MTPConfig, head_targets
@@ -217,7 +217,8 @@ def test_packed_batch_heads_never_cross_documents():
         valid_t = (targets[0] != IGNORE_INDEX).nonzero().flatten()
         assert all((t < 7) == (t + 1 + k < 7) for t in valid_t.tolist()), f"head {k} crosses a document"
     with torch.no_grad():
-        packed_out = model(input_ids=packed, labels=labels, position_ids=position_ids)
+        # use_cache=False, as trainers pass it: transformers builds the block-diagonal mask only without a cache.
+        packed_out = model(input_ids=packed, labels=labels, position_ids=position_ids, use_cache=False)
         a = model(input_ids=doc_a, labels=doc_a)
         b = model(input_ids=doc_b, labels=doc_b)
     # The packed per-head sums are exactly the two documents' sums: nothing leaks across the boundary.
@@ -308,11 +309,14 @@ def test_mtp_param_groups_separates_heads():
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     rows = datasets.Dataset.from_dict({"input_ids": [token_rows(1, seed=3, min_len=12, max_len=12)[0]] * 8})
     config = MTPConfig(num_heads=2, head_init="random")
+    # SGD: one step moves each weight by lr * gradient (AdamW's first step, g / |g|, amplifies float noise).
     big = make_trainer(tmp_path / "big", peft_config=copy.deepcopy(config), dataset=rows, max_steps=1,
-                       per_device_train_batch_size=4)
+                       per_device_train_batch_size=4, optim="sgd")
+    before = head_state(big.model)
     big.train()
+    assert any(not torch.equal(before[n], v) for n, v in head_state(big.model).items())
     accumulated = make_trainer(tmp_path / "ga", peft_config=copy.deepcopy(config), dataset=rows, max_steps=1,
-                               per_device_train_batch_size=2, gradient_accumulation_steps=2)
+                               per_device_train_batch_size=2, gradient_accumulation_steps=2, optim="sgd")
     accumulated.train()
     for name, value in head_state(big.model).items():
         torch.testing.assert_close(head_state(accumulated.model)[name], value, rtol=1e-5, atol=1e-6)
@@ -390,16 +394,26 @@ def test_self_distillation_argmax_trains(tmp_path):
 
 def test_build_self_distilled_dataset_batched_equals_one_by_one():
     tokenizer = make_tokenizer()
-    model = get_peft_model(make_model("llama"), MTPConfig(num_heads=2))
-    prompts = [[{"role": "user", "content": " ".join(f"t{i}" for i in range(5, 5 + n))}] for n in (2, 6, 3)]
-    batched = build_self_distilled_dataset(model, tokenizer, prompts, max_new_tokens=5, batch_size=3,
-                                           show_progress=False)
-    single = build_self_distilled_dataset(model, tokenizer, prompts, max_new_tokens=5, batch_size=1,
-                                          show_progress=False)
+    config = make_config("llama")
+    config.initializer_range = 0.5  # large weights: greedy outputs depend on the prompt (std 0.02 repeats one token)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    model = get_peft_model(base, MTPConfig(num_heads=2))
+    prompts = [[{"role": "user", "content": " ".join(f"t{i}" for i in range(5 + n, 5 + 2 * n))}] for n in (2, 6, 3)]
+    prompts[1].append({"role": "assistant", "content": "t9"})  # a finished conversation: its answer is regenerated
+    # Special ids suppressed so that every answer has visible tokens to compare.
+    kwargs = dict(max_new_tokens=6, show_progress=False, suppress_tokens=[0, 1, 2])
+    batched = build_self_distilled_dataset(model, tokenizer, prompts, batch_size=3, **kwargs)
+    single = build_self_distilled_dataset(model, tokenizer, prompts, batch_size=1, **kwargs)
+    # Left padding: a prompt's answer does not depend on the others in its batch.
     assert batched["completion"] == single["completion"]
-    assert batched["prompt"] == prompts and batched["completion"][0][0]["role"] == "assistant"
-    assert all(c[0]["content"] for c in batched["completion"])
+    assert len({c[0]["content"] for c in batched["completion"]}) == 3
+    assert batched["prompt"][1] == prompts[1][:1] and batched["completion"][0][0]["role"] == "assistant"
     assert tokenizer.padding_side == "right"  # restored
+
+    plain = build_self_distilled_dataset(model, tokenizer, datasets.Dataset.from_dict({"prompt": ["t5 t6", "t7"]}),
+                                         batch_size=2, **kwargs)
+    assert plain.column_names == ["prompt", "completion"] and plain["completion"][0].startswith(" t")
 
 
 def test_expected_acceptance_length():

@@ -11,10 +11,19 @@ import re
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from testing_common import LORA_TEST_CASES, TEST_CASES, case_params, lora_config, make_mtp_model, random_ids, run
+from testing_common import (  # noqa: F401 (one_torch_thread: autouse fixture)
+    LORA_TEST_CASES,
+    TEST_CASES,
+    case_params,
+    lora_config,
+    make_mtp_model,
+    one_torch_thread,
+    random_ids,
+    run,
+)
 from tiny_models import make_config, make_model
 from transformers import AutoModelForCausalLM
 
@@ -138,10 +147,11 @@ def test_loading_onto_a_model_the_heads_do_not_fit_raises(tmp_path, make_base, m
     make_mtp_model("llama", num_heads=2).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=re.escape(message)):
         PeftModel.from_pretrained(make_base(), tmp_path)
-    model = make_mtp_model("llama", num_heads=2)  # the same check guards a second adapter on an existing model
+    # The same check guards `load_adapter` onto a model that already has heads of its own (which fit it).
+    model = get_peft_model(make_base(), MTPConfig(num_heads=2))
     with pytest.raises(ValueError, match=re.escape(message)):
-        PeftModel.from_pretrained(make_base(), tmp_path).load_adapter(tmp_path, adapter_name="again")
-    del model
+        model.load_adapter(tmp_path, adapter_name="again")
+    assert list(model.peft_config) == ["default"] and run(model, random_ids()).mtp_logits is not None  # unharmed
 
 
 # (name, how the file is damaged): each must fail in safetensors' header check, never load part of the weights.
@@ -183,7 +193,8 @@ CHECKPOINT_EDITS = [
 ]
 
 
-@pytest.mark.parametrize("edit, message", [case[1:] for case in CHECKPOINT_EDITS], ids=[c[0] for c in CHECKPOINT_EDITS])
+@pytest.mark.parametrize("edit, message", [case[1:] for case in CHECKPOINT_EDITS],
+                         ids=[case[0] for case in CHECKPOINT_EDITS])
 def test_checkpoint_with_missing_or_unexpected_keys_raises(tmp_path, edit, message):
     make_mtp_model("llama", num_heads=2, lora_config=lora_config("llama")).save_pretrained(tmp_path)
     weights = load_file(tmp_path / WEIGHTS)

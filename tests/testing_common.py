@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_models import ARCHITECTURES, VOCAB_SIZE, make_model
@@ -37,7 +38,9 @@ TEST_CASES: list[tuple[str, str, type, dict[str, Any]]] = [
 
 def lora_config(arch: str) -> LoraConfig:
     """A small trunk LoRA for `arch` whose B matrices are random, so that it changes the model's logits."""
-    return LoraConfig(r=2, lora_alpha=4, target_modules=LORA_TARGETS[arch], init_lora_weights=False)
+    # GPT-2's `Conv1D` stores its weight transposed: PEFT needs to be told (`fan_in_fan_out`).
+    return LoraConfig(r=2, lora_alpha=4, target_modules=LORA_TARGETS[arch], init_lora_weights=False,
+                      fan_in_fan_out=arch == "gpt2")
 
 
 # Every architecture once, with trunk LoRA beside `ffn` heads.
@@ -45,6 +48,20 @@ LORA_TEST_CASES: list[tuple[str, str, type, dict[str, Any]]] = [
     (f"{arch}-ffn-lora", arch, MTPConfig, {"head_type": "ffn", "num_heads": 2, "lora_config": lora_config(arch)})
     for arch in ARCHITECTURES
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Run a module's tiny-model tests on one torch thread, then restore the thread count.
+
+    On (8, 32)-sized tensors a second thread only adds synchronisation, and on a 2-core machine shared with other
+    processes it made these tests 2-3x slower. Test modules import this fixture to use it; it is scoped to them so
+    that tests of real models elsewhere in the session keep every thread.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def case_params(cases: list[tuple[str, str, type, dict[str, Any]]]) -> dict[str, Any]:

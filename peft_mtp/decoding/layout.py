@@ -189,6 +189,8 @@ def take_columns(values: torch.Tensor, start: torch.Tensor, count: int) -> torch
     Returns:
         `(B, count, ...)`.
     """
+    if values.shape[1] == 0:
+        return values.new_zeros(values.shape[0], count, *values.shape[2:])
     index = (start[:, None] + torch.arange(count, device=values.device)[None, :]).clamp(0, values.shape[1] - 1)
     shape = list(index.shape) + [1] * (values.dim() - 2)
     expanded = list(index.shape) + list(values.shape[2:])

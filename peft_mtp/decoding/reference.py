@@ -52,19 +52,20 @@ def reference_generate(
         # 1. Draft: head k at the last position with a verified successor (T) proposes token T+1+k.
         #    Sequential heads read the chain, so each depth sees the drafts before it.
         last = len(ids) - 2
+        step_depth = min(depth, max_new_tokens - (len(ids) - len(prompt)) - 1)  # no drafts past the budget
         candidates, chain = [], []
-        for k in range(1, depth + 1):
+        for k in range(1, step_depth + 1):
             head_logits = mtp_model(input_ids=torch.tensor([ids + chain]), output_mtp_logits=True).mtp_logits
             ranked = head_logits[0, last, k - 1].argsort(descending=True).tolist()
             candidates.append(ranked)
             chain.append(ranked[0])
         # 2. Verify: what the model itself would emit next, one token at a time.
         greedy = []
-        for _ in range(depth + 1):
+        for _ in range(step_depth + 1):
             greedy.append(next_token(ids + greedy))
         # 3. Accept the deepest tree path whose candidates are the model's own tokens, then its next token.
-        accepted = max([len(p) for p in paths if [candidates[k][r] for k, r in enumerate(p)] == greedy[: len(p)]],
-                       default=0)
+        accepted = max([len(p) for p in paths if len(p) <= step_depth
+                        and [candidates[k][r] for k, r in enumerate(p)] == greedy[: len(p)]], default=0)
         new = greedy[: accepted + 1]
         # 4. Stop at eos or at the token budget, even in the middle of the accepted drafts.
         for i, token in enumerate(new):

