@@ -503,10 +503,10 @@ def evaluate(args: JobArguments, peft_model, tokenizer, splits: datasets.Dataset
 def format_table(args: JobArguments, results: dict[str, Any]) -> str:
     """Markdown table: one row per prompt kind and draft depth."""
     k = args.num_heads
-    head_cols = " | ".join(f"head {i}" for i in range(1, k + 1))
+    heads = "/".join(str(i) for i in range(1, k + 1))
     lines = [
-        f"| prompts | depth | agreement ({head_cols}) | acceptance ({head_cols}) | tokens/step | greedy tok/s | "
-        "MTP tok/s | speed-up | identical |",
+        f"| prompts | draft depth | agreement, heads {heads} | acceptance in decoding, heads {heads} | tokens/step | "
+        "greedy tok/s | MTP tok/s | speed-up | identical |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for kind in ("code", "chat"):
@@ -530,25 +530,29 @@ def plot(all_results: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
+    max_depth = 1
     for label, results in all_results.items():
         for kind, marker in (("code", "o"), ("chat", "s")):
             if kind not in results:
                 continue
+            color, name = next(colors), f"{label}, {kind}"
             agreement = results[kind]["head_agreement"]
-            left.plot(range(1, len(agreement) + 1), agreement, marker=marker, label=f"{label}, {kind}")
+            left.plot(range(1, len(agreement) + 1), agreement, marker=marker, color=color, label=name)
             depths = [(m.split("=")[1], row["speedup"]) for m, row in results[kind]["modes"].items()]
             fixed = sorted((int(d), s) for d, s in depths if d != "auto")
-            right.plot([d for d, _ in fixed], [s for _, s in fixed], marker=marker, label=f"{label}, {kind}")
-            auto = [s for d, s in depths if d == "auto"]
-            if auto:
-                right.scatter([0], auto, marker="*", s=120)
+            right.plot([d for d, _ in fixed], [s for _, s in fixed], marker=marker, color=color, label=name)
+            right.scatter([0] * sum(d == "auto" for d, _ in depths), [s for d, s in depths if d == "auto"],
+                          marker="*", s=140, color=color)
+            max_depth = max([max_depth, len(agreement)] + [d for d, _ in fixed])
     left.axhline(0.6, color="grey", lw=0.8, ls=":")
     left.axhline(0.4, color="grey", lw=0.8, ls=":")
-    left.set(title="Top-1 agreement with greedy output (held-out)", xlabel="head k (predicts t+1+k)",
-             ylabel="agreement", ylim=(0, 1))
+    left.set(title="Top-1 agreement with the greedy output (held-out)", xlabel="head k (predicts token t+1+k)",
+             ylabel="agreement", ylim=(0, 1), xticks=range(1, max_depth + 1))
     right.axhline(1.0, color="grey", lw=0.8)
-    right.set(title="Speed-up vs plain greedy (batch 1; * = auto depth at x=0)", xlabel="draft depth",
-              ylabel="tokens/s ratio")
+    right.set(title="Speed-up vs plain greedy generate (batch 1)", xlabel="draft depth (* = auto)",
+              ylabel="tokens/s ratio", xticks=range(0, max_depth + 1),
+              xticklabels=["auto"] + [str(d) for d in range(1, max_depth + 1)])
     left.legend(fontsize=8)
     right.legend(fontsize=8)
     fig.tight_layout()

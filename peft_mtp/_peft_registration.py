@@ -17,7 +17,7 @@ from peft.utils import PeftType
 from peft.utils.peft_types import register_peft_method
 
 PEFT_TYPE_NAME = "MTP"
-MIN_PEFT_VERSION = Version("0.18.0")
+MIN_PEFT_VERSION = Version("0.21.2")
 # The newest PEFT minor release this workaround was checked against; newer minors are refused until
 # checked, because they may change how `PeftType` and the method registry are built.
 MAX_PEFT_VERSION_EXCLUSIVE = Version("0.22.0")

@@ -190,7 +190,7 @@ class MTPConfig(PeftConfig):
         # `TaskType.CAUSAL_LM` is a str enum whose str() is "TaskType.CAUSAL_LM": compare its value.
         if getattr(self.task_type, "value", self.task_type) != "CAUSAL_LM":
             raise ValueError(f"`task_type` must be 'CAUSAL_LM' for MTP heads, got {self.task_type!r}.")
-        if not isinstance(self.num_heads, int) or self.num_heads < 1:
+        if not isinstance(self.num_heads, int) or isinstance(self.num_heads, bool) or self.num_heads < 1:
             raise ValueError(f"`num_heads` must be an integer >= 1, got {self.num_heads!r}.")
         if self.head_type not in HEAD_TYPES:
             raise ValueError(f"`head_type` must be one of {HEAD_TYPES}, got {self.head_type!r}.")

@@ -449,9 +449,9 @@ class MTPHeadStack(nn.Module):
 
 
 def _cache_kwargs(layer: nn.Module, cache: HeadCache) -> dict[str, Any]:
-    """Pass `cache` to a transformers decoder layer under the name its forward uses (`cache` since 5.x)."""
+    """Pass `cache` to a transformers decoder layer under the name its forward uses (`cache` in most 5.x models)."""
     parameters = inspect.signature(layer.forward).parameters
-    name = next((n for n in ("cache", "past_key_values", "past_key_value") if n in parameters), "cache")
+    name = next((n for n in ("cache", "past_key_values", "past_key_value", "layer_past") if n in parameters), "cache")
     return {name: cache, "use_cache": True}
 
 

@@ -188,6 +188,7 @@ def _check_identity_at_init(arch, config_cls, config_kwargs):
 
 @torch.no_grad()
 def run_base(arch):
+    """Logits of the bare base model (the same seed as `make_mtp_model`'s) on `random_ids()`."""
     return make_model(arch)(input_ids=random_ids()).logits
 
 

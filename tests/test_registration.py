@@ -68,14 +68,14 @@ def test_registering_a_different_mtp_method_raises_and_changes_nothing():
 def test_unsupported_peft_version_is_refused_with_the_fix(monkeypatch, version):
     monkeypatch.setattr(peft, "__version__", version)
     before = _registry_state()
-    message = (f"checked on peft>=0.18.0,<0.22.0, but peft=={version} is installed. Install a supported version with "
-               "`pip install 'peft>=0.18.0,<0.22.0'`.")
+    message = (f"checked on peft>=0.21.2,<0.22.0, but peft=={version} is installed. Install a supported version with "
+               "`pip install 'peft>=0.21.2,<0.22.0'`.")
     with pytest.raises(ImportError, match=re.escape(message)):
         register_mtp_method(MTPConfig, MTPModel)
     assert _registry_state() == before
 
 
-@pytest.mark.parametrize("version", ["0.18.0", "0.21.2", "0.21.99"])
+@pytest.mark.parametrize("version", ["0.21.2", "0.21.99"])
 def test_supported_peft_versions_pass_the_guard(version):
     _check_peft_version(version)
 

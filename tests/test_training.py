@@ -380,6 +380,43 @@ def test_incompatible_settings_raise_at_construction(tmp_path, overrides, config
         make_trainer(tmp_path, peft_config=MTPConfig(num_heads=2, **config_kwargs), **overrides)
 
 
+def test_compute_loss_func_raises_at_construction(tmp_path):
+    with pytest.raises(ValueError, match="compute_loss_func"), pytest.warns(FutureWarning):
+        SFTTrainer(model=make_model("llama"), args=sft_args(tmp_path), train_dataset=lm_dataset(),
+                   processing_class=make_tokenizer(), peft_config=MTPConfig(num_heads=2),
+                   compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum())
+
+
+def test_lora_with_gradient_checkpointing_trains_trunk_and_heads(tmp_path):
+    config = MTPConfig(num_heads=2, lora_config=LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    trainer = make_trainer(tmp_path, peft_config=config, max_steps=2, gradient_checkpointing=True)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    changed = {n for n, p in before.items() if not torch.equal(p, after[n])}
+    assert any("lora_B" in n for n in changed) and any(".mtp_heads." in n for n in changed)
+
+
+def test_conversational_prompt_completion_masks_the_prompt_for_heads(tmp_path):
+    seen = []
+    model = get_peft_model(make_model("llama"), MTPConfig(num_heads=2))
+    original = model.base_model.compute_mtp_loss
+
+    def spy(head_hidden, labels, position_ids=None, trunk_hidden=None):
+        result = original(head_hidden, labels, position_ids, trunk_hidden=trunk_hidden)
+        seen.append((labels, result.head_counts))
+        return result
+
+    model.base_model.compute_mtp_loss = spy
+    rows = [{"prompt": [{"role": "user", "content": "t5 t6 t7 t8"}],
+             "completion": [{"role": "assistant", "content": "t9 t10 t11 t12 t13"}]}] * 4
+    make_trainer(tmp_path, model=model, dataset=datasets.Dataset.from_list(rows), max_steps=1).train()
+    labels, counts = seen[0]
+    assert (labels[:, :4] == IGNORE_INDEX).all(), "the prompt is not masked"
+    expected = [int((head_targets(labels, k) != IGNORE_INDEX).sum()) for k in (1, 2)]
+    assert counts.tolist() == expected and expected[0] > 0
+
+
 def test_self_distillation_argmax_trains(tmp_path):
     trainer = make_trainer(tmp_path, peft_config=MTPConfig(num_heads=2, head_target_source="argmax"), max_steps=2)
     before = head_state(trainer.model)

@@ -251,12 +251,12 @@ class HeadDrafter:
                     "has no `rotary_emb` module to compute them at decode time; use `ffn` or `mha_ffn` heads."
                 )
             probe = torch.empty(1, dtype=dtype, device=positions.device)
-            rotary_parameters = inspect.signature(self._rotary.forward).parameters
-            if "layer_type" in rotary_parameters:
-                layer_type = getattr(layer, "attention_type", None)
-                kwargs["position_embeddings"] = self._rotary(probe, positions, layer_type)
-            else:
+            try:
                 kwargs["position_embeddings"] = self._rotary(probe, positions)
+            except TypeError:
+                # Models with one rotary embedding per layer type (Gemma 3) take the layer's type as well.
+                layer_type = getattr(layer, "attention_type", None) or getattr(layer.self_attn, "layer_type", None)
+                kwargs["position_embeddings"] = self._rotary(probe, positions, layer_type)
         return {key: value for key, value in kwargs.items() if key in parameters or _has_var_kwargs(parameters)}
 
 

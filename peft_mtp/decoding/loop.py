@@ -322,12 +322,35 @@ class SpeculativeDecoder:
             # mask through unchanged (masking_utils._preprocess_mask_arguments), so it must already be
             # in the additive form eager and SDPA attention add to their scores.
             allowed = chunk_attention_mask(self.cache_valid, self.cache_valid.new_ones(rows, nodes), tree.ancestor_mask)
-            attention_mask = additive_mask(allowed, self.trunk.unembedding.weight.dtype)
+            attention_mask = self._tree_attention_mask(allowed, position_ids)
         with self.trunk.capture() as captured:
             outputs = self.model(input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids,
                                  cache=self.cache, use_cache=True, return_dict=True)
         self.cache = outputs.cache if getattr(outputs, "cache", None) is not None else self.cache
         return outputs.logits, captured.hidden
+
+    def _tree_attention_mask(self, allowed: torch.Tensor, position_ids: torch.Tensor):
+        """The additive 4-D mask(s) of a tree verify pass, sliding windows included where the model has them.
+
+        Models whose layers mix full and sliding-window attention (`config.layer_types`) take a dict
+        of one mask per layer type; models where every layer slides (Mistral-style `sliding_window`)
+        take one mask with the window applied. The window is the model's own rule on positions:
+        a query at position q reads keys at positions > q - sliding_window.
+        """
+        dtype = self.trunk.unembedding.weight.dtype
+        config = self.model.config
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None)
+        if not window or (layer_types and "sliding_attention" not in layer_types):
+            return additive_mask(allowed, dtype)
+        # Position of every key: cached real entries end just before `next_position`.
+        after = self.cache_valid.flip(1).long().cumsum(1).flip(1)  # real entries at or after each column
+        key_positions = torch.cat([self.next_position[:, None] - after, position_ids], dim=1)  # (R, S + N)
+        in_window = key_positions[:, None, :] > position_ids[:, :, None] - window  # (R, N, S + N)
+        sliding = allowed & in_window[:, None]
+        if layer_types:
+            return {"full_attention": additive_mask(allowed, dtype), "sliding_attention": additive_mask(sliding, dtype)}
+        return additive_mask(sliding, dtype)
 
     # ------------------------------------------------------------------------------------------
     # Logits processors
@@ -493,10 +516,4 @@ def _check_tree_attention(model) -> None:
         raise ValueError(
             f"Tree drafts pass a 4-D attention mask, which transformers' {implementation!r} attention does not take; "
             "load the model with attn_implementation='sdpa' or 'eager', or use `mtp_tree=None`."
-        )
-    layer_types = getattr(model.config, "layer_types", None) or []
-    if getattr(model.config, "sliding_window", None) and (not layer_types or "sliding_attention" in layer_types):
-        raise ValueError(
-            f"{type(model).__name__} uses sliding-window attention, which a custom 4-D tree mask would bypass; "
-            "use `mtp_tree=None` (chain drafts) with this model."
         )
