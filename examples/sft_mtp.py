@@ -50,7 +50,6 @@ import os
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Optional
 
 import datasets
 import torch
@@ -83,7 +82,7 @@ class ScriptArguments:
         lora_target_modules: trunk modules the LoRA adapts.
     """
 
-    model_name_or_path: Optional[str] = field(
+    model_name_or_path: str | None = field(
         default=None, metadata={"help": "Local model folder or .gguf file (default: SmolLM2-135M-Instruct)."}
     )
     dataset_name: str = field(
@@ -118,7 +117,7 @@ def mtp_arguments_class() -> type:
     return dataclasses.make_dataclass("MTPArguments", fields)
 
 
-def load_model(path: Optional[str], device: str):
+def load_model(path: str | None, device: str):
     """The model and tokenizer: the converted SmolLM2 by default, else a local folder (offline)."""
     if path is None or path.endswith(".gguf"):
         from smollm2 import load_model_and_tokenizer

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any, Union
+from typing import Any
 
 import datasets
 import torch
@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 Messages = list[dict[str, Any]]
-Prompt = Union[str, Messages]
+Prompt = str | Messages
 
 
 def _is_conversation(prompt: Any) -> bool:
@@ -147,7 +147,7 @@ def generate_responses(
 def build_self_distilled_dataset(
     model: nn.Module,
     tokenizer: Any,
-    prompts: Union[datasets.Dataset, Sequence[Prompt]],
+    prompts: datasets.Dataset | Sequence[Prompt],
     prompt_column: str | None = None,
     max_new_tokens: int = 256,
     batch_size: int = 16,

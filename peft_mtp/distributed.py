@@ -10,6 +10,8 @@ combinations that would fail late, obscurely, or silently:
   device: `check_base_weights_materialized` refuses them when the heads are attached.
 - accelerate enables FSDP only on GPUs and other accelerators. On CPU (`use_cpu=True`) an FSDP config is
   dropped without a word and the run is plain DDP, so `check_distributed_setup` refuses it.
+- FSDP1 wraps the model's modules, and PEFT's structural walk then misses a trunk LoRA when saving (the
+  adapter silently lacks it): `check_distributed_setup` asks for FSDP2.
 - FSDP with a `SHARDED_STATE_DICT` writes checkpoints that are only DCP shards: `PeftModel.from_pretrained`
   cannot read them. `check_distributed_setup` asks for `FULL_STATE_DICT`, where every checkpoint is a
   normal adapter.
@@ -76,8 +78,8 @@ def check_distributed_setup(args: TrainingArguments, state: Any | None = None) -
         state: accelerate's `AcceleratorState`; defaults to the one the Trainer's accelerator created.
 
     Raises:
-        ValueError: FSDP was asked for but accelerate runs the job without it (CPU), or FSDP saves
-            sharded-only checkpoints.
+        ValueError: FSDP was asked for but accelerate runs the job without it (CPU), FSDP1 was asked for,
+            or FSDP saves sharded-only checkpoints.
     """
     if state is None:
         from accelerate.state import AcceleratorState, is_initialized
@@ -99,11 +101,19 @@ def check_distributed_setup(args: TrainingArguments, state: Any | None = None) -
             f"instead. See {DOCS}."
         )
     if fsdp_plugin is not None:
+        version = getattr(fsdp_plugin, "fsdp_version", 1)
+        if version != 2:
+            raise ValueError(
+                f"FSDP version {version} is not supported with MTP heads: FSDP1 wraps the model's "
+                "modules, and a trunk LoRA inside those wrappers is left out of saved adapters without an error. Use "
+                "FSDP2: `fsdp_version: 2` in the accelerate config (or `version: 2` in `fsdp_config`). See "
+                f"{DOCS}."
+            )
         state_dict_type = str(getattr(fsdp_plugin, "state_dict_type", ""))
         if "FULL_STATE_DICT" not in state_dict_type:
             raise ValueError(
                 f"FSDP `state_dict_type` is {state_dict_type.rsplit('.', 1)[-1]!r}: checkpoints would hold only "
                 "sharded files, which `PeftModel.from_pretrained` cannot load. Set `fsdp_state_dict_type: "
                 "FULL_STATE_DICT` in the accelerate config (or `state_dict_type` in `fsdp_config`): every "
-                f"checkpoint is then a normal adapter (only the heads' weights are written). See {DOCS}."
+                f"checkpoint is then a normal adapter (the heads and any trunk LoRA). See {DOCS}."
             )

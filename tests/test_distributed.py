@@ -311,14 +311,18 @@ def test_check_distributed_setup(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     no_fsdp, fsdp = SimpleNamespace(fsdp=None), SimpleNamespace(fsdp="full_shard")
     check_distributed_setup(no_fsdp, _state("MULTI_CPU"))  # DDP
-    check_distributed_setup(fsdp, _state("FSDP", SimpleNamespace(state_dict_type="StateDictType.FULL_STATE_DICT")))
+    full = "StateDictType.FULL_STATE_DICT"
+    check_distributed_setup(fsdp, _state("FSDP", SimpleNamespace(fsdp_version=2, state_dict_type=full)))
+    with pytest.raises(ValueError, match="FSDP version 1 is not supported.*fsdp_version: 2"):
+        check_distributed_setup(fsdp, _state("FSDP", SimpleNamespace(fsdp_version=1, state_dict_type=full)))
     with pytest.raises(ValueError, match="FSDP only on GPUs"):
         check_distributed_setup(fsdp, _state("MULTI_CPU"))
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
     with pytest.raises(ValueError, match="the accelerate config"):
         check_distributed_setup(no_fsdp, _state("MULTI_CPU"))
     with pytest.raises(ValueError, match="SHARDED_STATE_DICT.*FULL_STATE_DICT"):
-        check_distributed_setup(no_fsdp, _state("FSDP", SimpleNamespace(state_dict_type="SHARDED_STATE_DICT")))
+        check_distributed_setup(no_fsdp, _state("FSDP", SimpleNamespace(fsdp_version=2,
+                                                                         state_dict_type="SHARDED_STATE_DICT")))
 
 
 def test_heads_refused_on_zero3_partitioned_weights():

@@ -70,11 +70,13 @@ class StopRules:
         # transformers pads finished rows (and lets them finish one by one) only when an eos criterion exists.
         self.finish_individually = any(hasattr(criterion, "eos_token_id") for criterion in criteria)
 
-    def first_stop(self, prefix: torch.Tensor, emitted: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def first_stop(self, sequences: torch.Tensor, lengths: torch.Tensor, emitted: torch.Tensor,
+                   counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cut each row's emitted tokens at the first one after which a criterion stops the row.
 
         Args:
-            prefix: list-like of `(L_r,)` id tensors, each row's ids before this step (padded prompt included).
+            sequences: `(R, L)` each row's ids so far (padded prompt included), valid up to `lengths`.
+            lengths: `(R,)`.
             emitted: `(R, E)` tokens emitted this step.
             counts: `(R,)` how many of them each row emits.
 
@@ -82,7 +84,6 @@ class StopRules:
             The cut counts `(R,)` and whether each row stopped `(R,)`.
         """
         device = emitted.device
-        lengths = torch.tensor([len(p) for p in prefix], device=device)
         stopped = torch.zeros_like(counts, dtype=torch.bool)
         if self.max_length is not None:
             room = self.max_length - lengths
@@ -92,14 +93,13 @@ class StopRules:
             within = torch.arange(emitted.shape[1], device=device)[None, :] < counts[:, None]
             is_eos = torch.isin(emitted, self.eos.to(device)) & within
             has_eos = is_eos.any(dim=1)
-            first = is_eos.long().argmax(dim=1)
-            counts = torch.where(has_eos, first + 1, counts)
+            counts = torch.where(has_eos, is_eos.long().argmax(dim=1) + 1, counts)
             stopped |= has_eos
         if self.others:
-            counts_list, stopped_list = counts.tolist(), stopped.tolist()
-            for row, ids in enumerate(prefix):
+            counts_list, stopped_list, length_list = counts.tolist(), stopped.tolist(), lengths.tolist()
+            for row in range(len(counts_list)):
                 for i in range(counts_list[row]):
-                    candidate = torch.cat([ids, emitted[row, : i + 1]])[None]
+                    candidate = torch.cat([sequences[row, : length_list[row]], emitted[row, : i + 1]])[None]
                     if any(bool(criterion(candidate, None).any()) for criterion in self.others):
                         counts_list[row], stopped_list[row] = i + 1, True
                         break
@@ -183,7 +183,7 @@ class SpeculativeDecoder:
         max_length = self.stop.max_length or prompt_length + 4096
         self.sequences = input_ids.new_full((batch, max_length), self.pad_id)
         self.sequences[:, :prompt_length] = input_ids
-        self.lengths = [prompt_length] * batch  # ids per row, padded prompt included
+        self.lengths = torch.full((batch,), prompt_length, dtype=torch.long, device=device)  # padded prompt included
         mask = model_kwargs.get("attention_mask")
         prompt_valid = mask.bool() if mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
         if bool((prompt_valid[:, 1:] < prompt_valid[:, :-1]).any()):
@@ -193,8 +193,8 @@ class SpeculativeDecoder:
             )
         self.left_pad = (~prompt_valid).sum(dim=1)  # (B,) per original row
         self.rows = torch.arange(batch, device=device)  # original index of each active row
-        self.done_at: list[int | None] = [None] * batch
-        self.finished = [False] * batch
+        self.done_at = torch.full((batch,), -1, dtype=torch.long, device=device)  # length when a criterion fired
+        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
         self.streamed = 0
         self.prompt_length = prompt_length
 
@@ -235,8 +235,7 @@ class SpeculativeDecoder:
     def _step(self) -> None:
         step_start = tick = time.perf_counter()
         depth = self.controller.choose()
-        room = max(self._room(row) for row in self.rows.tolist())
-        depth = max(0, min(depth, room - 1))
+        depth = max(0, min(depth, int(self._room().max()) - 1))  # no drafts past the last allowed token
         tree = self.shapes.tree(depth).to(self.rows.device)
         tokens, draft_probs = self._draft(tree, depth)  # (R, N) node tokens, root first
         self.stats.draft_time_s += time.perf_counter() - tick
@@ -358,114 +357,102 @@ class SpeculativeDecoder:
     def _process(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         return scores if self.processors is None else self.processors(ids, scores)
 
-    def _row_ids(self, row: int) -> torch.Tensor:
-        return self.sequences[row, : self.lengths[row]]
+    def _process_rows(self, scores: torch.Tensor, suffix: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the processors to `(R, V)` scores; row r's prefix is its ids, then `suffix[r]` if given.
 
-    def _process_rows(self, scores: torch.Tensor) -> torch.Tensor:
-        """Apply the processors to `(R, V)` scores with each active row's verified ids as its prefix."""
+        Rows are grouped by prefix length, so the processors run once per distinct length (once for
+        batch 1 or rows in step), each time on the ids plain decoding would give them at that point.
+        """
         if self.processors is None:
             return scores
-        rows = self.rows.tolist()
-        return self._process_grouped([self._row_ids(r) for r in rows], scores)
-
-    def _process_grouped(self, prefixes: list[torch.Tensor], scores: torch.Tensor) -> torch.Tensor:
-        """Run the processors once per group of rows whose prefixes have the same length."""
         out = scores.clone()
-        groups: dict[int, list[int]] = {}
-        for index, prefix in enumerate(prefixes):
-            groups.setdefault(len(prefix), []).append(index)
-        for members in groups.values():
-            ids = torch.stack([prefixes[i] for i in members])
+        lengths = self.lengths[self.rows]
+        for length in lengths.unique().tolist():
+            members = (lengths == length).nonzero()[:, 0]
+            ids = self.sequences[self.rows[members], :length]
+            if suffix is not None:
+                ids = torch.cat([ids, suffix[members]], dim=1)
             out[members] = self.processors(ids, scores[members])
         return out
 
     def _process_nodes(self, logits: torch.Tensor, tokens: torch.Tensor, tree: DraftTree) -> torch.Tensor:
-        """Processed scores `(R, N, V)` at every node, each with its own prefix (verified ids + path)."""
+        """Processed scores `(R, N, V)` at every node, each with its own prefix (verified ids + its path)."""
         scores = logits.float()
         if self.processors is None:
             return scores
-        rows = self.rows.tolist()
         scores = scores.clone()
         for node in range(tree.num_nodes):
             path = tree.paths[node]
             ancestors = [tree.paths.index(path[:d]) for d in range(1, len(path) + 1)]
-            prefixes = [torch.cat([self._row_ids(r), tokens[i, ancestors]]) for i, r in enumerate(rows)]
-            scores[:, node] = self._process_grouped(prefixes, scores[:, node])
+            scores[:, node] = self._process_rows(scores[:, node], tokens[:, ancestors])
         return scores
 
     # ------------------------------------------------------------------------------------------
     # Tokens, stopping, streaming, rows
 
-    def _room(self, row: int) -> int:
-        """How many more tokens row `row` may get."""
-        limit = self.stop.max_length or (self.lengths[row] + 10**9)
+    def _room(self) -> torch.Tensor:
+        """How many more tokens each active row may get `(R,)`."""
+        lengths = self.lengths[self.rows]
+        limit = torch.full_like(lengths, self.stop.max_length or 2**40)
         target = self._target_length()
         if target is not None:
-            limit = min(limit, target)
-        return limit - self.lengths[row]
+            limit = limit.clamp(max=target)
+        return limit - lengths
 
     def _target_length(self) -> int | None:
         # Without an eos criterion, transformers stops every row at the step the last row stops at.
-        if self.stop.finish_individually or any(d is None for d in self.done_at):
+        if self.stop.finish_individually or bool((self.done_at < 0).any()):
             return None
-        return max(self.done_at)
+        return int(self.done_at.max())
 
     def _emit(self, emitted: torch.Tensor, counts: torch.Tensor) -> None:
-        """Write each active row's `counts[r]` first emitted tokens, applying the stopping criteria."""
-        rows = self.rows.tolist()
-        prefixes = [self._row_ids(r) for r in rows]
-        cut, stopped = self.stop.first_stop(prefixes, emitted, counts)
+        """Write each active row's first `counts[r]` emitted tokens, applying the stopping criteria."""
+        rows = self.rows
+        lengths = self.lengths[rows]
+        cut, stopped = self.stop.first_stop(self.sequences[rows], lengths, emitted, counts)
+        newly_done = stopped & (self.done_at[rows] < 0)
+        self.done_at[rows] = torch.where(newly_done, lengths + cut, self.done_at[rows])
+        # Rows finish one by one only with an eos criterion; otherwise they run on until the last one stops.
+        count = cut if self.stop.finish_individually else counts
+        count = torch.minimum(count, self._room())
+        columns = lengths[:, None] + torch.arange(emitted.shape[1], device=emitted.device)[None]
+        write = torch.arange(emitted.shape[1], device=emitted.device)[None] < count[:, None]
+        self.sequences[rows[:, None].expand_as(columns)[write], columns[write]] = emitted[write]
+        self.lengths[rows] = lengths + count
+        self.stats.new_tokens += int(count.sum())
+        if self.stop.finish_individually:
+            self.finished[rows] = stopped
         target = self._target_length()
-        cut_list, stopped_list = cut.tolist(), stopped.tolist()
-        for i, row in enumerate(rows):
-            count = cut_list[i] if self.stop.finish_individually else int(counts[i])
-            if target is not None:
-                count = min(count, target - self.lengths[row])
-            if self.stop.max_length is not None:
-                count = min(count, self.stop.max_length - self.lengths[row])
-            start = self.lengths[row]
-            self.sequences[row, start : start + count] = emitted[i, :count]
-            self.lengths[row] += count
-            self.stats.new_tokens += count
-            if stopped_list[i] and self.done_at[row] is None:
-                self.done_at[row] = start + cut_list[i]
-            if self.stop.finish_individually:
-                self.finished[row] = bool(stopped_list[i])
-        target = self._target_length()
-        if not self.stop.finish_individually and target is not None:
-            for row in rows:
-                self.finished[row] = self.lengths[row] >= target
+        if target is not None:
+            self.finished[rows] = self.lengths[rows] >= target
         if self.stop.max_length is not None:
-            for row in rows:
-                self.finished[row] = self.finished[row] or self.lengths[row] >= self.stop.max_length
+            self.finished[rows] |= self.lengths[rows] >= self.stop.max_length
         self._stream()
 
     def _stream(self) -> None:
         """Send every column of new tokens that all rows have now decided (finished rows send the pad)."""
         if self.streamer is None:
             return
-        batch = len(self.lengths)
         target = self._target_length()
         while True:
             column = self.prompt_length + self.streamed
             if target is not None and column >= target:
                 return
-            ready = all(self.lengths[r] > column or self.finished[r] for r in range(batch))
-            if not ready or all(self.lengths[r] <= column for r in range(batch)):
+            decided = (self.lengths > column) | self.finished
+            if not bool(decided.all()) or not bool((self.lengths > column).any()):
                 return
             self.streamer.put(self.sequences[:, column].cpu())
             self.streamed += 1
 
     def _drop_finished(self) -> torch.Tensor | None:
         """Remove finished rows from every batched state; returns the positions kept (`ALL_ROWS`: all of them)."""
-        keep = [i for i, row in enumerate(self.rows.tolist()) if not self.finished[row]]
-        if len(keep) == self.rows.numel():
+        active = ~self.finished[self.rows]
+        if bool(active.all()):
             return ALL_ROWS
-        if not keep:
-            self.rows = self.rows[:0]
-            return self.rows
-        index = torch.tensor(keep, device=self.rows.device)
+        index = active.nonzero()[:, 0]
         self.rows = self.rows[index]
+        if not self.rows.numel():
+            return index
         self.root = self.root[index]
         self.next_position = self.next_position[index]
         for layer in self.cache.layers:
@@ -486,8 +473,7 @@ class SpeculativeDecoder:
 
     def _num_verified(self) -> torch.Tensor:
         """Verified real tokens per active row (prompt without padding, plus generated)."""
-        lengths = torch.tensor([self.lengths[r] for r in self.rows.tolist()], device=self.rows.device)
-        return lengths - self.left_pad[self.rows]
+        return self.lengths[self.rows] - self.left_pad[self.rows]
 
     def _verified_tokens(self, positions: torch.Tensor) -> torch.Tensor:
         """Token ids at `(R, W)` positions (0 = each row's first real token) of the active rows."""
@@ -495,10 +481,8 @@ class SpeculativeDecoder:
         return self.sequences[self.rows[:, None], columns]
 
     def _output(self):
-        generated = max(self.lengths) if self.lengths else self.prompt_length
         target = self._target_length()
-        if target is not None:
-            generated = target
+        generated = target if target is not None else int(self.lengths.max())
         sequences = self.sequences[:, :generated]
         if not self.config.return_dict_in_generate:
             return sequences
