@@ -25,10 +25,12 @@ after constructing it.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
-from transformers import TrainingArguments
+
+if TYPE_CHECKING:  # `import peft_mtp` stays light: transformers' training stack is imported only when used
+    from transformers import TrainingArguments
 
 DOCS = "docs/distributed.md"
 

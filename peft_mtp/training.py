@@ -76,12 +76,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import TrainerCallback
 
 from .config import CONTEXTUAL_HEAD_TYPES
 from .distributed import check_distributed_setup
 
 if TYPE_CHECKING:
+    from transformers import Trainer
+
     from .loss import MTPLossOutput
     from .model import MTPModel
 
@@ -113,7 +115,7 @@ def fold_mtp_loss(outputs: Any, mtp_term: torch.Tensor) -> Any:
     flat = outputs["log_probs"].reshape(-1)
     # The first trained position, or position 0 when there is none (then count = 0 and the fold adds 0). A trained
     # position keeps the sum right also for code that sums `log_probs[label_mask]`.
-    index = label_mask.reshape(-1).to(torch.int8).argmax().reshape(1)
+    index = label_mask.reshape(-1).to(torch.int32).argmax().reshape(1)
     folded = mtp_term.to(flat.dtype) * count.to(flat.dtype)
     outputs["log_probs"] = flat.index_add(0, index, -folded.reshape(1)).view_as(outputs["log_probs"])
     if outputs.get("loss") is not None:
@@ -127,6 +129,9 @@ def trunk_is_frozen(model: nn.Module, inputs_embeds: torch.Tensor | None = None)
     Args:
         model: the base model (the tuner's `model`, with its LoRA layers if any).
         inputs_embeds: embeddings passed instead of ids (a caller may want their gradient).
+
+    Returns:
+        True when the trunk can run without autograd (MTPModel.forward then runs it under `torch.no_grad()`).
     """
     if inputs_embeds is not None and inputs_embeds.requires_grad:
         return False
@@ -316,7 +321,7 @@ def check_trainer_settings(trainer: Trainer, tuner: MTPModel) -> None:
             "knowing where a packed document starts. Set `packing=False` and `padding_free=False`, or use "
             f"a head type among {('linear', 'ffn', 'identical', 'sequential')}."
         )
-    # FSDP that accelerate silently drops (CPU), or FSDP checkpoints that are not adapters: see peft_mtp.distributed.
+    # Distributed settings that cannot work (FSDP on CPU, FSDP1, sharded checkpoints): see peft_mtp.distributed.
     check_distributed_setup(args, trainer.accelerator.state)
 
 
@@ -439,6 +444,8 @@ def attach_from_caller(tuner: MTPModel, frame: types.FrameType | None) -> None:
         tuner: the `MTPModel`.
         frame: the caller's frame (`MTPModel.add_model_tags` passes its own caller's).
     """
+    from transformers import Trainer  # imported here: `import peft_mtp` stays light
+
     caller = frame.f_locals.get("self") if frame is not None else None
     if isinstance(caller, Trainer) and hasattr(caller, "callback_handler"):
         attach_trainer(caller, tuner)
