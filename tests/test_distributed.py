@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil  # an accelerate dependency
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -215,6 +216,24 @@ def test_fsdp_on_gpus_matches_one_gpu(tmp_path):
 # Checkpoints
 
 
+def _kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process under it, as a lost machine would stop them.
+
+    The launcher starts its ranks in sessions of their own, so killing its process group would leave them running.
+    """
+    try:
+        ranks = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:  # it had already exited
+        ranks = []
+    for victim in [*ranks, process]:
+        try:
+            victim.kill()  # SIGKILL
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    process.wait()
+    psutil.wait_procs(ranks, timeout=30)
+
+
 def test_resume_after_kill_matches_uninterrupted(joint_reference, tmp_path):
     """examples/accelerate/ddp.yaml on CPU (2 gloo processes), trunk LoRA and decoder-layer heads: killed between
     steps after checkpoint-2 and resumed, the run logs the losses and ends with the heads of one uninterrupted
@@ -224,17 +243,17 @@ def test_resume_after_kill_matches_uninterrupted(joint_reference, tmp_path):
     args = [*SFT_ARGS, *TWO_PROCESSES, *JOINT, "--output_dir", str(tmp_path)]
     # Each process sleeps after every checkpoint: the kill lands between steps, not in a save.
     process = subprocess.Popen(accelerate_launch("ddp.yaml", TRAIN_SCRIPT, *args, "--pause_after_save", "300"),
-                               env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+                               env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + LAUNCH_TIMEOUT
-        while not is_complete_checkpoint(str(tmp_path / "checkpoint-2")):
+        checkpoint = tmp_path / "checkpoint-2"
+        # Rank 1 writes its own RNG state; wait for it too, so that the kill does not land in that write.
+        while not (is_complete_checkpoint(str(checkpoint)) and (checkpoint / "rng_state_1.pth").is_file()):
             assert process.poll() is None, f"the run exited with {process.returncode} before checkpoint-2"
             assert time.monotonic() < deadline, "no checkpoint-2 in time"
             time.sleep(0.2)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks (one session)
-        process.wait()
+        _kill_tree(process)
     assert not (tmp_path / "checkpoint-4").exists() and not (tmp_path / "result.json").exists()
 
     result = train(accelerate_launch("ddp.yaml", TRAIN_SCRIPT, *args, "--resume", "true"), tmp_path)

@@ -1,0 +1,353 @@
+"""Speculative decoding with MTP heads gives exactly the tokens of plain greedy decoding.
+
+Plain decoding is `generate(..., mtp_speculate=False)`: transformers' own loop, heads unused. Every
+test compares against it, or against the readable reference loop (`peft_mtp.decoding.reference`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from decoding_utils import EOS, PAD, forced_drafts, heads_model, padded_batch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tiny_models import ARCHITECTURES
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from peft_mtp import HEAD_TYPES
+from peft_mtp.decoding import SpeculationStats, reference_generate
+from peft_mtp.decoding.loop import SpeculativeDecoder
+
+PARALLEL_HEAD_TYPES = tuple(h for h in HEAD_TYPES if h != "sequential")
+
+
+def greedy(model, ids, mask=None, **kwargs):
+    """Plain and speculative greedy outputs of the same call."""
+    common = dict(do_sample=False, pad_token_id=PAD, **{k: v for k, v in kwargs.items() if not k.startswith("mtp_")})
+    plain = model.generate(input_ids=ids, attention_mask=mask, mtp_speculate=False, **common)
+    ours = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True,
+                          **{k: v for k, v in kwargs.items() if k.startswith("mtp_")}, **common)
+    return plain, ours.sequences, ours.mtp_stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Identity with plain greedy decoding
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    head_type=st.sampled_from(HEAD_TYPES),
+    num_heads=st.integers(1, 3),
+    depth=st.one_of(st.integers(0, 3), st.just("auto")),
+    tree=st.booleans(),
+    lengths=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    max_new_tokens=st.integers(1, 24),
+    use_eos=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_identical_to_plain_greedy(head_type, num_heads, depth, tree, lengths, max_new_tokens, use_eos, seed):
+    model = heads_model(head_type, num_heads=num_heads, seed=seed % 7, dtype=torch.float32)
+    depth = depth if depth == "auto" else min(depth, num_heads)
+    tree = tree and head_type != "sequential"
+    ids, mask = padded_batch(lengths, seed=seed)
+    plain, ours, stats = greedy(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=EOS if use_eos else None,
+                                mtp_depth=depth, mtp_tree=tree or None)
+    assert torch.equal(plain, ours)
+    assert stats.new_tokens <= len(lengths) * max_new_tokens
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_every_architecture_and_head_type(arch, head_type):
+    model = heads_model(head_type, num_heads=2, arch=arch, seed=1)
+    ids, mask = padded_batch([4, 6], seed=2)
+    for tree in ([None, True] if head_type != "sequential" else [None]):
+        plain, ours, _ = greedy(model, ids, mask, max_new_tokens=10, eos_token_id=None, mtp_depth=2, mtp_tree=tree)
+        assert torch.equal(plain, ours), (arch, head_type, tree)
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_untrained_random_heads_are_still_exact(head_type):
+    model = heads_model(head_type, head_init="random", noise=0.0, seed=3)
+    ids, mask = padded_batch([7, 3], seed=3)
+    plain, ours, stats = greedy(model, ids, mask, max_new_tokens=16, eos_token_id=None, mtp_depth=3)
+    assert torch.equal(plain, ours)
+    assert stats.acceptance_rate[2] < 0.5  # random heads rarely agree three times in a row
+
+
+def test_logits_processors_apply_at_every_verified_position():
+    model = heads_model("ffn", seed=4)
+    ids, mask = padded_batch([5, 8, 2], seed=4)
+    kwargs = dict(max_new_tokens=20, eos_token_id=EOS, min_new_tokens=6, repetition_penalty=1.8,
+                  no_repeat_ngram_size=2, suppress_tokens=[5, 6])
+    for tree in (None, True):
+        plain, ours, _ = greedy(model, ids, mask, mtp_depth=3, mtp_tree=tree, **kwargs)
+        assert torch.equal(plain, ours)
+
+
+# ----------------------------------------------------------------------------------------------
+# Against the reference loop: same tokens, same number of accepted drafts at every step
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+@pytest.mark.parametrize("tree", [None, [(0,), (1,), (0, 0), (1, 0), (0, 1), (0, 0, 0)]])
+def test_matches_reference_loop(head_type, tree):
+    if tree and head_type == "sequential":
+        pytest.skip("sequential heads draft chains only")
+    # float64: the two loops round differently, so near-ties could otherwise flip a draft.
+    model = heads_model(head_type, seed=5, dtype=torch.float64, noise=0.03)
+    prompt = [11, 42, 7, 99, 5, 63, 18]
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=22, do_sample=False, eos_token_id=None,
+                         mtp_depth=3, mtp_tree=tree, mtp_trace=True, return_dict_in_generate=True)
+    tokens, accepted = reference_generate(model.base_model, prompt, 22, depth=3, tree=tree)
+    assert out.sequences[0, len(prompt):].tolist() == tokens
+    assert [step[0][1] for step in out.mtp_stats.trace] == accepted
+
+
+def test_batched_rows_match_the_reference_row_by_row():
+    model = heads_model("mha_ffn", seed=6, noise=0.03)
+    lengths = [3, 8, 5]
+    ids, mask = padded_batch(lengths, seed=6)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=15, do_sample=False, eos_token_id=None,
+                         pad_token_id=PAD, mtp_depth=2, mtp_trace=True, return_dict_in_generate=True)
+    for row, length in enumerate(lengths):
+        prompt = ids[row, ids.shape[1] - length:].tolist()
+        tokens, accepted = reference_generate(model.base_model, prompt, 15, depth=2)
+        assert out.sequences[row, ids.shape[1]:].tolist() == tokens
+        assert [a for step in out.mtp_stats.trace for r, a in step if r == row] == accepted
+
+
+# ----------------------------------------------------------------------------------------------
+# Perfect drafts (100% acceptance), eos and max_new_tokens inside an accepted draft
+
+
+def test_perfect_drafts_are_all_accepted():
+    model = heads_model("ffn", seed=7)
+    ids, mask = padded_batch([6, 4], seed=7)
+    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=21, do_sample=False, eos_token_id=None,
+                           pad_token_id=PAD, mtp_speculate=False)
+    with forced_drafts(plain):
+        _, ours, stats = greedy(model, ids, mask, max_new_tokens=21, eos_token_id=None, mtp_depth=3)
+    assert torch.equal(plain, ours)
+    assert stats.acceptance_rate == [1.0, 1.0, 1.0]
+    assert stats.verify_steps == 5  # 1 token from the prefill, then 4 per step
+    assert stats.tokens_per_step == 4.0
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_perfect_tree_drafts_follow_the_right_branch(rank):
+    model = heads_model("ffn", seed=8)
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    plain = model.generate(ids, max_new_tokens=17, do_sample=False, eos_token_id=None, mtp_speculate=False)
+    tree = [(0,), (1,), (0, 0), (1, 1), (0, 0, 0), (1, 1, 1)]  # rank-1 candidates have their own chain
+    with forced_drafts(plain, rank=rank):
+        _, ours, stats = greedy(model, ids, max_new_tokens=17, eos_token_id=None, mtp_depth=3, mtp_tree=tree)
+    assert torch.equal(plain, ours)
+    assert stats.acceptance_rate == [1.0, 1.0, 1.0]
+
+
+def test_eos_inside_an_accepted_draft():
+    model = heads_model("ffn", seed=9)
+    ids = torch.tensor([[8, 21, 34, 55, 89]])
+    plain = model.generate(ids, max_new_tokens=30, do_sample=False, eos_token_id=None, mtp_speculate=False)
+    new = plain[0, ids.shape[1]:].tolist()
+    # The prefill emits token 0, step 1 tokens 1-4, step 2 tokens 5-8: an eos at token 6 sits mid-draft.
+    eos = next(token for index, token in enumerate(new) if index >= 6 and token not in new[:index])
+    stop_at = new.index(eos)
+    with forced_drafts(plain):
+        expected, ours, stats = greedy(model, ids, max_new_tokens=30, eos_token_id=[eos, 127], mtp_depth=3)
+    assert torch.equal(expected, ours)
+    assert ours.shape[1] == ids.shape[1] + stop_at + 1
+    assert stop_at % 4 != 0  # the stop really was inside a step's accepted tokens
+
+
+def test_max_new_tokens_reached_mid_draft_and_rows_finishing_at_different_steps():
+    model = heads_model("ffn", seed=10)
+    ids, mask = padded_batch([5, 5, 3], seed=10)
+    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=14, do_sample=False, eos_token_id=None,
+                           pad_token_id=PAD, mtp_speculate=False)
+    # Row 0 races ahead with perfect drafts and hits the budget mid-draft while row 1 still drafts 3 deep.
+    with forced_drafts(plain, quality={0: True, 1: False, 2: True}):
+        _, ours, stats = greedy(model, ids, mask, max_new_tokens=14, eos_token_id=None, mtp_depth=3)
+    assert torch.equal(plain, ours)
+    assert stats.row_steps < 3 * stats.verify_steps  # row 0 left the batch before the others
+
+
+def test_rows_finish_at_different_steps_with_eos():
+    model = heads_model("cnn", seed=11)
+    ids, mask = padded_batch([6, 2, 9, 4], seed=11)
+    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=25, do_sample=False, eos_token_id=None,
+                           pad_token_id=PAD, mtp_speculate=False)
+    # An eos that each row reaches at a different point (or never): its 4th, 9th... new token.
+    eos = [int(plain[0, ids.shape[1] + 3]), int(plain[2, ids.shape[1] + 9])]
+    with forced_drafts(plain, quality={0: True, 1: False, 2: True, 3: False}):
+        expected, ours, _ = greedy(model, ids, mask, max_new_tokens=25, eos_token_id=eos, mtp_depth=3)
+    assert torch.equal(expected, ours)
+    assert (expected[:, -1] == PAD).any()  # some row stopped early and was padded
+
+
+# ----------------------------------------------------------------------------------------------
+# Stopping criteria and streamers
+
+
+class StopAfterToken(StoppingCriteria):
+    """Stops a row right after `token` appears among its last two ids (a criterion transformers does not know)."""
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return (input_ids[:, -2:] == self.token).any(dim=1)
+
+
+def test_custom_stopping_criteria_with_and_without_eos():
+    model = heads_model("ffn", seed=12)
+    ids, mask = padded_batch([4, 7], seed=12)
+    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=None,
+                           pad_token_id=PAD, mtp_speculate=False)
+    token = int(plain[1, ids.shape[1] + 5])
+    for eos in (None, EOS):  # without eos, transformers lets stopped rows run on until every row stopped
+        criteria = StoppingCriteriaList([StopAfterToken(token)])
+        with forced_drafts(plain):
+            expected, ours, _ = greedy(model, ids, mask, max_new_tokens=20, eos_token_id=eos,
+                                       stopping_criteria=criteria, mtp_depth=3)
+        assert torch.equal(expected, ours), eos
+
+
+class RecordingStreamer(BaseStreamer):
+    def __init__(self):
+        self.puts, self.ended = [], False
+
+    def put(self, value):
+        self.puts.append(value.tolist())
+
+    def end(self):
+        self.ended = True
+
+
+@pytest.mark.parametrize("lengths", [[5], [5, 3]])
+def test_streamer_receives_what_plain_decoding_sends(lengths):
+    model = heads_model("ffn", seed=13)
+    ids, mask = padded_batch(lengths, seed=13)
+    plain_streamer, ours_streamer = RecordingStreamer(), RecordingStreamer()
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD)
+    plain = model.generate(**kwargs, eos_token_id=None, streamer=plain_streamer, mtp_speculate=False)
+    with forced_drafts(plain):
+        model.generate(**kwargs, eos_token_id=None, streamer=ours_streamer, mtp_depth=3)
+    assert ours_streamer.puts == plain_streamer.puts
+    assert ours_streamer.ended
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache after each step: exactly the verified positions, with the values a fresh pass computes
+
+
+def test_cache_rollback_leaves_no_stale_entries(monkeypatch):
+    model = heads_model("identical", seed=14, dtype=torch.float64)
+    ids = torch.tensor([[9, 8, 7, 6, 5, 4]])
+    checked = []
+    original_step = SpeculativeDecoder._step
+
+    def checked_step(self):
+        original_step(self)
+        if not self.rows.numel():
+            return
+        verified = self.sequences[0, : int(self.lengths[0])]
+        # The cache holds every verified token but the last one, which the next step feeds.
+        assert self.cache_valid.shape[1] == self.cache.layers[0].keys.shape[2] == verified.numel() - 1
+        fresh = model.base_model.model(verified[None, :-1], use_cache=True).cache
+        for layer, fresh_layer in zip(self.cache.layers, fresh.layers):
+            torch.testing.assert_close(layer.keys, fresh_layer.keys)
+            torch.testing.assert_close(layer.values, fresh_layer.values)
+        # Decoder-layer heads keep one cache entry per verified trunk position as well.
+        assert all(cache.get("key.1").shape[2] == verified.numel() - 1 for cache in self.drafter.caches)
+        checked.append(verified.numel())
+
+    monkeypatch.setattr(SpeculativeDecoder, "_step", checked_step)
+    model.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, mtp_depth=3, mtp_tree=True)
+    assert len(checked) >= 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Options, statistics, and what goes to transformers unchanged
+
+
+def test_statistics_add_up():
+    model = heads_model("ffn", seed=15)
+    ids, mask = padded_batch([5, 3], seed=15)
+    _, ours, stats = greedy(model, ids, mask, max_new_tokens=12, eos_token_id=None, mtp_depth=2)
+    assert isinstance(stats, SpeculationStats)
+    assert stats.model_forwards == stats.verify_steps + 1
+    assert stats.new_tokens == 2 * 12
+    assert sum(stats.depth_steps.values()) == stats.verify_steps and max(stats.depth_steps) == 2
+    assert 1.0 <= stats.tokens_per_step <= 3.0
+    assert stats.wall_time_s >= stats.prefill_time_s > 0
+    summary = stats.as_dict()
+    assert {"tokens_per_step", "head1_acceptance", "head2_conditional_acceptance", "wall_time_s"} <= set(summary)
+
+
+def test_other_generation_modes_and_disabled_adapters_go_to_transformers():
+    model = heads_model("ffn", seed=16)
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    kwargs = dict(max_new_tokens=8, eos_token_id=None, pad_token_id=PAD)
+    beams = model.generate(ids, num_beams=2, do_sample=False, **kwargs)
+    assert torch.equal(beams, model.generate(ids, num_beams=2, do_sample=False, mtp_speculate=False, **kwargs))
+    lookup = model.generate(ids, prompt_lookup_num_tokens=3, do_sample=False, **kwargs)
+    assert torch.equal(lookup, model.generate(ids, do_sample=False, mtp_speculate=False, **kwargs))
+    scored = model.generate(ids, do_sample=False, output_scores=True, return_dict_in_generate=True, **kwargs)
+    assert scored.scores is not None and not hasattr(scored, "mtp_stats")
+    with model.disable_adapter():
+        out = model.generate(ids, do_sample=False, return_dict_in_generate=True, **kwargs)
+    assert not hasattr(out, "mtp_stats")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mtp_depth": 4}, "mtp_depth"),
+        ({"mtp_depth": -1}, "mtp_depth"),
+        ({"mtp_depth": "deep"}, "mtp_depth"),
+        ({"mtp_speculate": "yes"}, "mtp_speculate"),
+        ({"mtp_tree": [(0, 1)]}, "lacks its parent"),
+        ({"mtp_tree": [(0,), (0,)]}, "repeats"),
+        ({"mtp_tree": [(0,), (0, 0), (0, 0, 0), (0, 0, 0, 0)]}, "depth 4"),
+        ({"mtp_tree": "wide"}, "mtp_tree"),
+    ],
+)
+def test_invalid_options_name_the_option(kwargs, message):
+    model = heads_model("ffn", seed=17)
+    with pytest.raises(ValueError, match=message):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False, **kwargs)
+
+
+def test_sequential_heads_refuse_trees():
+    model = heads_model("sequential", seed=18)
+    with pytest.raises(ValueError, match="sequential"):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False, mtp_tree=True)
+
+
+def test_right_padding_is_refused_with_a_fix():
+    model = heads_model("ffn", seed=19)
+    ids = torch.tensor([[5, 6, PAD], [7, 8, 9]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    with pytest.raises(ValueError, match="padding_side = 'left'"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=PAD)
+
+
+def test_automatic_depth_settles_below_the_maximum_for_useless_heads():
+    model = heads_model("ffn", head_init="random", noise=0.0, seed=20)
+    ids = torch.tensor([[31, 41, 59, 26, 53]])
+    plain, ours, stats = greedy(model, ids, max_new_tokens=40, eos_token_id=None, mtp_depth="auto")
+    assert torch.equal(plain, ours)
+    assert len(stats.depth_steps) > 1  # it measured the deepest drafts, then moved
+
+
+def test_speculation_stays_exact_under_the_fast_linear_kernels():
+    from peft_mtp.fast_linear import fast_small_row_linear
+
+    model = heads_model("ffn", seed=21)
+    ids, mask = padded_batch([6, 2, 4], seed=21)
+    with fast_small_row_linear(model):
+        plain, ours, _ = greedy(model, ids, mask, max_new_tokens=15, eos_token_id=None, mtp_depth=3, mtp_tree=True)
+    assert torch.equal(plain, ours)
