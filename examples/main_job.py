@@ -574,8 +574,10 @@ def report(args: JobArguments, results: dict[str, Any], log: dict[str, Any], clo
         entry = json.loads(other.read_text())
         all_results[entry["label"]] = entry["results"]
     plot(all_results, report_dir / "mtp_main_job.png")
-    text = (f"# Main job: {label}\n\nWall time {clock.elapsed() / 60:.1f} min on {args.device} "
-            f"({torch.get_num_threads()} threads).\n\n{table}\n")
+    command = "python3 examples/main_job.py " + " ".join(sys.argv[1:])
+    text = (f"# Main job: {label}\n\n```bash\n{command.strip()}\n```\n\nWall time {clock.elapsed() / 60:.1f} min "
+            f"on {args.device} ({torch.get_num_threads()} threads); stages resumed from the cache are not timed "
+            f"again.\n\n{table}\n\n![per-head agreement and speed-up](mtp_main_job.png)\n")
     (report_dir / "results.md").write_text(text)
     print("\n" + table)
     print(f"\nWrote {report_dir / 'results.md'}, {report_dir / 'mtp_main_job.png'}. "

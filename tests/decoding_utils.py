@@ -6,14 +6,27 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import transformers
 from peft import get_peft_model
-from tiny_models import VOCAB_SIZE, make_model
+from tiny_models import VOCAB_SIZE, make_config
 
 from peft_mtp import MTPConfig
 from peft_mtp.decoding.loop import SpeculativeDecoder
 
 PAD = 0
 EOS = 2
+
+
+def diverse_model(arch: str = "llama", seed: int = 0) -> transformers.PreTrainedModel:
+    """A tiny random causal LM whose greedy output varies (its unembedding is not tied to its embedding).
+
+    With tied weights, a tiny random model's hidden state stays close to its input embedding, so it
+    repeats its last token forever and every draft is trivially right.
+    """
+    torch.manual_seed(seed)
+    config = make_config(arch)
+    config.tie_word_embeddings = False
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
 
 
 def heads_model(head_type: str = "ffn", num_heads: int = 3, arch: str = "llama", seed: int = 0,
@@ -31,8 +44,7 @@ def heads_model(head_type: str = "ffn", num_heads: int = 3, arch: str = "llama",
         noise: std of the noise added to every head weight (0 keeps the base init).
         **config: more `MTPConfig` fields.
     """
-    torch.manual_seed(seed)
-    model = get_peft_model(make_model(arch, seed=seed), MTPConfig(num_heads=num_heads, head_type=head_type, **config))
+    model = get_peft_model(diverse_model(arch, seed), MTPConfig(num_heads=num_heads, head_type=head_type, **config))
     model = model.to(dtype).eval()
     with torch.no_grad():
         for parameter in model.base_model.mtp.parameters():

@@ -360,8 +360,10 @@ class SpeculativeDecoder:
     def _process_rows(self, scores: torch.Tensor, suffix: torch.Tensor | None = None) -> torch.Tensor:
         """Apply the processors to `(R, V)` scores; row r's prefix is its ids, then `suffix[r]` if given.
 
-        Rows are grouped by prefix length, so the processors run once per distinct length (once for
-        batch 1 or rows in step), each time on the ids plain decoding would give them at that point.
+        Processors may hold per-row state sized for the whole batch (e.g. the repetition penalty's
+        prompt lengths), so they always see all the original rows. Rows are grouped by prefix length
+        and the processors run once per distinct length (once for batch 1 or rows in step), each time
+        on the ids plain decoding would give them at that point; the other rows are placeholders.
         """
         if self.processors is None:
             return scores
@@ -369,10 +371,15 @@ class SpeculativeDecoder:
         lengths = self.lengths[self.rows]
         for length in lengths.unique().tolist():
             members = (lengths == length).nonzero()[:, 0]
-            ids = self.sequences[self.rows[members], :length]
+            rows = self.rows[members]
+            ids = self.sequences[:, :length]
             if suffix is not None:
-                ids = torch.cat([ids, suffix[members]], dim=1)
-            out[members] = self.processors(ids, scores[members])
+                extra = suffix.new_zeros(ids.shape[0], suffix.shape[1])
+                extra[rows] = suffix[members]
+                ids = torch.cat([ids, extra], dim=1)
+            full = scores.new_zeros(ids.shape[0], scores.shape[1])
+            full[rows] = scores[members]
+            out[members] = self.processors(ids, full)[rows]
         return out
 
     def _process_nodes(self, logits: torch.Tensor, tokens: torch.Tensor, tree: DraftTree) -> torch.Tensor:

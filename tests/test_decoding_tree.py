@@ -1,0 +1,122 @@
+"""Draft trees as data, the row layout that rolls caches back, and the depth controller: small and exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peft_mtp.decoding.layout import apply_keep, chunk_attention_mask, front_align, plan_keep, ragged_cat
+from peft_mtp.decoding.options import DepthController
+from peft_mtp.decoding.tree import DraftTree, chain_paths, default_tree_paths
+
+
+def test_tree_from_paths_orders_nodes_and_builds_the_ancestor_mask():
+    tree = DraftTree.from_paths([(1,), (0, 0), (0,), (0, 1)], max_depth=3)
+    assert tree.paths == [(), (0,), (1,), (0, 0), (0, 1)]
+    assert tree.parents.tolist() == [-1, 0, 0, 1, 1]
+    assert tree.depths.tolist() == [0, 1, 1, 2, 2]
+    assert tree.topk == [2, 2]
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 0, 1, 0, 0],
+        [1, 1, 0, 1, 0],
+        [1, 1, 0, 0, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(tree.ancestor_mask, expected)
+    assert not tree.is_chain
+    assert DraftTree.from_paths(chain_paths(3), 3).is_chain
+
+
+def test_node_tokens_accept_and_path():
+    tree = DraftTree.from_paths([(0,), (1,), (0, 0), (1, 0)], max_depth=2)
+    root = torch.tensor([7, 7])
+    candidates = [torch.tensor([[10, 11], [10, 11]]), torch.tensor([[20], [21]])]
+    # Node 3 = (0, 0) holds head 2's best candidate: drafted from node 1's branch; node 4 = (1, 0) likewise.
+    tokens = tree.node_tokens(root, candidates)
+    assert tokens.tolist() == [[7, 10, 11, 20, 20], [7, 10, 11, 21, 21]]
+    # Row 0: the model follows 11 then 20 (branch (1, 0)); row 1: it rejects both first candidates.
+    choices = torch.tensor([[11, 99, 20, 0, 5], [12, 0, 0, 0, 0]])
+    node = tree.accept(tokens, choices)
+    assert node.tolist() == [4, 0]
+    path, length = tree.path_to(node)
+    assert length.tolist() == [3, 1]
+    assert path[0, :3].tolist() == [0, 2, 4]
+    assert path[1, 0].item() == 0
+
+
+def test_default_tree_grows_with_depth_and_is_prefix_closed():
+    for depth in range(1, 6):
+        tree = DraftTree.from_paths(default_tree_paths(depth), depth)
+        assert tree.depth == depth
+    assert DraftTree.from_paths([], 3).num_nodes == 1  # the root alone: no drafts
+
+
+@pytest.mark.parametrize(
+    ("paths", "message"),
+    [([(0, 0)], "lacks its parent"), ([(0,), (0,)], "repeats"), ([(-1,)], "ranks >= 0"),
+     ([(0,), (0, 0), (0, 0, 0)], "depth 3")],
+)
+def test_invalid_trees_are_refused(paths, message):
+    with pytest.raises(ValueError, match=message):
+        DraftTree.from_paths(paths, max_depth=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout
+
+
+def test_plan_keep_crops_when_rows_agree():
+    valid = torch.tensor([[True, True, True], [False, True, True]])
+    plan = plan_keep(valid, chunk_width=4, keep=torch.tensor([2, 2]))
+    assert plan.index is None and plan.length == 5
+    cache = torch.arange(2 * 7).view(2, 7)
+    assert apply_keep(cache, 1, plan).tolist() == [[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]]
+
+
+def test_plan_keep_realigns_rows_that_keep_different_entries():
+    # Row 0: 2 old real entries, keeps chunk entries 0 and 2; row 1: 3 old, keeps chunk entry 0 only.
+    valid = torch.tensor([[False, True, True], [True, True, True]])
+    plan = plan_keep(valid, chunk_width=3, keep=torch.tensor([2, 1]), chunk_index=torch.tensor([[0, 2], [0, 0]]))
+    values = torch.tensor([[-1, 10, 11, 20, 21, 22], [30, 31, 32, 40, 41, 42]])
+    kept = apply_keep(values, 1, plan)
+    assert plan.length == 4
+    assert plan.valid.tolist() == [[True, True, True, True], [True, True, True, True]]
+    assert kept.tolist() == [[10, 11, 20, 22], [30, 31, 32, 40]]
+    # Any batch-first layout with positions on another dimension works the same (keys are (B, heads, S, D)).
+    keys = values[:, None, :, None].expand(2, 3, 6, 4)
+    assert torch.equal(apply_keep(keys, 2, plan), kept[:, None, :, None].expand(2, 3, 4, 4))
+
+
+def test_plan_keep_pads_shorter_rows_on_the_left():
+    valid = torch.tensor([[True, True], [True, True]])
+    plan = plan_keep(valid, chunk_width=3, keep=torch.tensor([3, 1]))
+    values = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+    kept = apply_keep(values, 1, plan)
+    assert plan.valid.tolist() == [[True] * 5, [False, False, True, True, True]]
+    assert kept[0].tolist() == [1, 2, 3, 4, 5] and kept[1, 2:].tolist() == [6, 7, 8]
+
+
+def test_masks_and_ragged_helpers():
+    mask = chunk_attention_mask(torch.tensor([[False, True]]), torch.tensor([[True, True, False]]))
+    assert mask.shape == (1, 1, 3, 5)
+    assert mask[0, 0].tolist() == [
+        [False, True, True, False, False],
+        [False, True, True, True, False],
+        [False, True, True, True, True],  # an invalid query still reads itself (no empty row)
+    ]
+    moved, lengths = front_align(torch.tensor([[0, 5, 6], [7, 8, 9]]), torch.tensor([[False, True, True], [True] * 3]))
+    assert moved[0, :2].tolist() == [5, 6] and lengths.tolist() == [2, 3]
+    joined, joined_len = ragged_cat(torch.tensor([[1, 0], [2, 3]]), torch.tensor([1, 2]),
+                                    torch.tensor([[4, 5], [6, 0]]), torch.tensor([2, 1]))
+    assert joined_len.tolist() == [3, 3] and joined.tolist() == [[1, 4, 5], [2, 3, 6]]
+
+
+def test_depth_controller_prefers_shallow_drafts_when_deep_ones_fail():
+    controller = DepthController(max_depth=4, fixed=None, probe_every=100)
+    for _ in range(40):
+        depth = controller.choose()
+        # Head 1 is always right, heads 2+ never; every extra verified token costs 20% of a step.
+        controller.record(depth, [min(depth, 1)], seconds=1.0 + 0.2 * depth)
+    assert controller.choose() == 1
+    assert DepthController(max_depth=4, fixed=2).choose() == 2
