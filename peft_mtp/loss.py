@@ -311,6 +311,7 @@ def mtp_loss(
     target_source: str = "labels",
     trunk_hidden: torch.Tensor | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    sample_rate: float = 1.0,
 ) -> MTPLossOutput:
     """Weighted loss of K heads against tokens t+1+k, without materialising their logits.
 
@@ -324,6 +325,8 @@ def mtp_loss(
         target_source: `"labels"`, `"argmax"` or `"soft"` (see the module docstring).
         trunk_hidden: `(B, T, H)` the trunk's pre-norm hidden states; required by `"argmax"` and `"soft"`.
         chunk_rows: rows projected at once.
+        sample_rate: fraction of each head's valid targets to score, drawn at random per head (1.0: all). The mean
+            over the drawn targets is an unbiased estimate of the mean over all of them.
 
     Returns:
         An `MTPLossOutput`. A head with no valid target contributes 0 (never NaN).
@@ -340,6 +343,8 @@ def mtp_loss(
     for k in range(1, num_heads + 1):
         targets = head_targets(labels, k, position_ids)  # (B, T)
         valid = targets != IGNORE_INDEX
+        if sample_rate < 1.0:
+            valid &= torch.rand(valid.shape, device=valid.device) < sample_rate
         hidden_k = head_hidden[:, :, k - 1][valid]  # (N, H)
         if target_source == "soft":
             # Head k at t learns the model's distribution at t+k (valid t all have t+k < T).

@@ -302,8 +302,10 @@ class MTPModel(BaseTuner):
             An `MTPLossOutput` (weighted loss, per-head losses and accuracies).
         """
         config = self.active_config()
+        # Sampling targets is a training-time saving: evaluation scores every target.
+        sample_rate = config.head_loss_sample_rate if self.training else 1.0
         return mtp_loss(head_hidden, labels, self.head_unembedding, config.head_loss_weights(), position_ids,
-                        target_source=config.head_target_source, trunk_hidden=trunk_hidden)
+                        target_source=config.head_target_source, trunk_hidden=trunk_hidden, sample_rate=sample_rate)
 
     def head_unembedding(self, k: int) -> Unembedding:
         """Final norm, unembedding and logit transform of head k (k = 0: the model's own head)."""

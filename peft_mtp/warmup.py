@@ -158,7 +158,7 @@ def warmup_heads(
         progress: show a progress bar.
 
     Returns:
-        A `WarmupResult`. The model is left in eval mode.
+        A `WarmupResult`. The heads are left in the train / eval mode they were in.
     """
     from tqdm.auto import tqdm
 
@@ -183,6 +183,7 @@ def warmup_heads(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     rng = random.Random(seed)
+    was_training = heads.training
     losses, hits, counts = torch.zeros(num_heads), torch.zeros(num_heads), torch.zeros(num_heads)
     heads.train()
     start, step = time.perf_counter(), 0
@@ -222,7 +223,7 @@ def warmup_heads(
                 total = step  # out of time: stop here
                 break
     bar.close()
-    heads.eval()
+    heads.train(was_training)
     counts = counts.clamp(min=1)
     return WarmupResult(step, time.perf_counter() - start, (losses / counts).tolist(), (hits / counts).tolist())
 

@@ -69,7 +69,11 @@ def chi_square_p_value(samples: list[tuple[int, ...]], exact: dict[tuple[int, ..
 
 
 def model_with_heads(head_type: str):
-    return heads_model(head_type, num_heads=2, seed=3, noise=0.05)
+    """A tiny model whose next-token distributions are peaked (scaled unembedding), so temperature matters."""
+    model = heads_model(head_type, num_heads=2, seed=3, noise=0.05)
+    with torch.no_grad():
+        model.base_model.model.get_output_embeddings().weight.mul_(4.0)
+    return model
 
 
 @contextlib.contextmanager

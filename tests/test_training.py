@@ -204,6 +204,26 @@ def test_masked_labels_are_ignored_by_heads():
     torch.testing.assert_close(model(input_ids=input_ids, labels=other).mtp_loss, out.mtp_loss)
 
 
+def test_head_loss_sample_rate_scores_a_share_of_targets_in_training_only():
+    model = get_peft_model(make_model("llama"), MTPConfig(num_heads=2, head_loss_sample_rate=0.25))
+    input_ids = torch.randint(3, VOCAB_SIZE, (8, 32))
+    full = [int((head_targets(input_ids, k) != IGNORE_INDEX).sum()) for k in (1, 2)]
+    captured = {}
+    original = model.base_model.compute_mtp_loss
+
+    def spy(*args, **kwargs):
+        captured["result"] = original(*args, **kwargs)
+        return captured["result"]
+
+    model.base_model.compute_mtp_loss = spy
+    torch.manual_seed(0)
+    model.train()(input_ids=input_ids, labels=input_ids)
+    sampled = captured["result"].head_counts.tolist()
+    assert all(0.1 * n < s < 0.4 * n for s, n in zip(sampled, full)), (sampled, full)
+    model.eval()(input_ids=input_ids, labels=input_ids)
+    assert captured["result"].head_counts.tolist() == full
+
+
 def test_packed_batch_heads_never_cross_documents():
     torch.manual_seed(0)
     model = get_peft_model(make_model("llama"), MTPConfig(num_heads=3, head_init="random")).eval()

@@ -14,6 +14,7 @@ them. `reference.py` holds the same algorithm without caches, in a few readable 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ from transformers import DynamicCache
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from ..fast_linear import fast_small_row_linear
 from .acceptance import sample, speculative_sample_chain
 from .drafter import HeadDrafter
 from .layout import additive_mask, apply_keep, chunk_attention_mask, plan_keep, select_rows
@@ -140,7 +142,9 @@ def speculative_generate(
     """
     decoder = SpeculativeDecoder(model, mtp_model, options, logits_processor, stopping_criteria, generation_config,
                                  streamer)
-    return decoder.run(input_ids, model_kwargs)
+    use_fast_linear = options.fast_linear and input_ids.device.type == "cpu"
+    with fast_small_row_linear(mtp_model) if use_fast_linear else contextlib.nullcontext():
+        return decoder.run(input_ids, model_kwargs)
 
 
 class SpeculativeDecoder:

@@ -9,7 +9,7 @@ from typing import Any
 from .tree import DraftTree, Path, chain_paths, default_tree_paths
 
 # The `generate` keyword arguments this package reads (and removes before transformers sees them).
-OPTION_KWARGS = ("mtp_speculate", "mtp_depth", "mtp_tree", "mtp_trace")
+OPTION_KWARGS = ("mtp_speculate", "mtp_depth", "mtp_tree", "mtp_trace", "mtp_fast_linear")
 
 
 @dataclass
@@ -28,12 +28,16 @@ class SpeculationOptions:
             tree is cut at the chosen depth.
         trace (`bool`, defaults to `False`): `mtp_trace`. Record, per verify pass, how many drafts
             each row accepted (`output.mtp_stats.trace`).
+        fast_linear (`bool`, defaults to `True`): `mtp_fast_linear`. On CPU, run the model's and the
+            heads' linear layers through the matmul kernel measured fastest for each row count
+            (`peft_mtp.fast_linear`); results agree with stock kernels to float tolerance.
     """
 
     speculate: bool = True
     depth: int | str = "auto"
     tree: None | bool | list = None
     trace: bool = False
+    fast_linear: bool = True
 
     @classmethod
     def pop_from(cls, kwargs: dict[str, Any]) -> SpeculationOptions:
@@ -47,9 +51,11 @@ class SpeculationOptions:
             depth=kwargs.pop("mtp_depth", "auto"),
             tree=kwargs.pop("mtp_tree", None),
             trace=kwargs.pop("mtp_trace", False),
+            fast_linear=kwargs.pop("mtp_fast_linear", True),
         )
-        if not isinstance(options.speculate, bool):
-            raise ValueError(f"`mtp_speculate` must be True or False, got {options.speculate!r}.")
+        for name in ("speculate", "trace", "fast_linear"):
+            if not isinstance(getattr(options, name), bool):
+                raise ValueError(f"`mtp_{name}` must be True or False, got {getattr(options, name)!r}.")
         depth = options.depth
         if not (depth == "auto" or (isinstance(depth, int) and not isinstance(depth, bool) and depth >= 0)):
             raise ValueError(f"`mtp_depth` must be an integer >= 0 (drafts per step) or 'auto', got {depth!r}.")

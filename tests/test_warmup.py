@@ -1,0 +1,88 @@
+"""`peft_mtp.warmup`: heads trained on cached trunk outputs match what the model's own forward computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from tiny_models import VOCAB_SIZE, make_model
+
+from peft_mtp import MTPConfig
+from peft_mtp.heads import HeadContext
+from peft_mtp.warmup import cache_trunk_outputs, target_vocabulary, warmup_heads
+
+HEAD_TYPES = ("ffn", "sequential", "mha_ffn")
+
+
+def _batches(num_batches: int = 3, batch_size: int = 4, length: int = 12, seed: int = 0):
+    """Right-padded batches of a repeating pattern (learnable), labels -100 on a 3-token prompt and on padding."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(num_batches):
+        starts = torch.randint(3, VOCAB_SIZE - length, (batch_size, 1), generator=generator)
+        input_ids = (starts + torch.arange(length)) % VOCAB_SIZE  # (B, T): t -> t+1 is learnable
+        attention_mask = torch.ones_like(input_ids)
+        attention_mask[0, -3:] = 0  # one padded row
+        input_ids = input_ids.masked_fill(attention_mask == 0, 0)
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, :3] = -100
+        batches.append(dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels))
+    return batches
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_cached_head_outputs_equal_the_model_forward(head_type):
+    # The cache holds exactly what a forward pass feeds the heads, so training on it trains the same function.
+    model = get_peft_model(make_model("llama"), MTPConfig(num_heads=2, head_type=head_type, head_init="random"))
+    batch = _batches(num_batches=1)[0]
+    (cached,) = cache_trunk_outputs(model, [batch], progress=False)
+    tuner = model.base_model
+    context = HeadContext(input_ids=cached.input_ids, attention_mask=cached.attention_mask,
+                          layer_kwargs=cached.layer_kwargs, embed=tuner.get_trunk().embed)
+    with torch.no_grad():
+        from_cache = tuner.active_heads().logits(tuner.active_heads()(cached.hidden, context), tuner.get_trunk())
+        direct = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       output_mtp_logits=True).mtp_logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(from_cache[real], direct[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_warmup_trains_heads_only_and_lowers_the_loss(head_type):
+    model = get_peft_model(make_model("llama"), MTPConfig(num_heads=2, head_type=head_type)).eval()
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if "mtp_heads" not in n}
+    cached = cache_trunk_outputs(model, _batches(), progress=False)
+    first = warmup_heads(model, cached, epochs=1, learning_rate=1e-9, progress=False)
+    result = warmup_heads(model, cached, epochs=30, learning_rate=1e-2, progress=False)
+    assert result.steps == 30 * len(cached)
+    assert all(after < before for after, before in zip(result.head_losses, first.head_losses))
+    for name, parameter in model.named_parameters():
+        if name in base_before:
+            assert torch.equal(parameter, base_before[name]), f"warm-up changed base parameter {name}"
+    assert not model.base_model.active_heads().training  # the mode it was in before (eval)
+
+
+def test_vocabulary_subset_scores_only_target_tokens():
+    model = get_peft_model(make_model("llama"), MTPConfig(num_heads=2, head_type="ffn"))
+    cached = cache_trunk_outputs(model, _batches(), progress=False)
+    vocabulary = target_vocabulary(cached)
+    labels = torch.cat([b.labels.flatten() for b in cached])
+    assert set(vocabulary.tolist()) == set(labels[labels != -100].tolist())
+    result = warmup_heads(model, cached, epochs=20, learning_rate=1e-2, vocabulary=vocabulary, progress=False)
+    assert all(0.0 <= acc <= 1.0 for acc in result.head_accuracies)
+    assert all(loss == loss for loss in result.head_losses)  # finite, no NaN
+
+
+def test_time_limit_stops_early():
+    model = get_peft_model(make_model("llama"), MTPConfig(num_heads=1, head_type="ffn"))
+    cached = cache_trunk_outputs(model, _batches(), progress=False)
+    result = warmup_heads(model, cached, epochs=1000, time_limit_s=0.0, progress=False)
+    assert result.steps == 1
+
+
+def test_trunk_lora_is_refused():
+    # With a trainable trunk its outputs change every step: a cache would train on stale inputs.
+    config = MTPConfig(num_heads=1, head_type="ffn", lora_config=LoraConfig(r=2, target_modules=["q_proj"]))
+    model = get_peft_model(make_model("llama"), config)
+    with pytest.raises(ValueError, match="frozen trunk"):
+        cache_trunk_outputs(model, _batches(num_batches=1), progress=False)
