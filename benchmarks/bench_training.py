@@ -42,8 +42,11 @@ Commands:
     # A quick smoke run (small shapes, seconds):
     python benchmarks/bench_training.py --layers 2 --seq 64 --batch 2 --vocab 4096 --heads 1 4 --warmup 1 --steps 1
 
+    # K = 4 with half of each head's targets scored per step (MTPConfig.head_loss_sample_rate=0.5):
+    python benchmarks/bench_training.py --warmup 1 --steps 1 --trunks lora --heads 4 --sample-rates 0.5
+
     # One configuration only (what each subprocess runs):
-    python benchmarks/bench_training.py --only lora+4xffn
+    python benchmarks/bench_training.py --only lora+4xffn@0.5
 """
 
 from __future__ import annotations
@@ -64,23 +67,29 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-    """One configuration: trunk mode ("lora" or "frozen") and K heads of a type (K = 0: plain SFT)."""
+    """One configuration: trunk mode ("lora" or "frozen"), K heads of a type (K = 0: plain SFT), and the share of
+    head targets scored per step (`MTPConfig.head_loss_sample_rate`; the name gets `@rate` below 1)."""
 
     trunk: str
     num_heads: int = 0
     head_type: str = "ffn"
+    sample_rate: float = 1.0
 
     @property
     def name(self) -> str:
-        return f"sft-{self.trunk}" if self.num_heads == 0 else f"{self.trunk}+{self.num_heads}x{self.head_type}"
+        if self.num_heads == 0:
+            return f"sft-{self.trunk}"
+        rate = "" if self.sample_rate == 1.0 else f"@{self.sample_rate:g}"
+        return f"{self.trunk}+{self.num_heads}x{self.head_type}{rate}"
 
     @classmethod
     def parse(cls, name: str) -> RunSpec:
         if name.startswith("sft-"):
             return cls(trunk=name[4:])
+        name, _, rate = name.partition("@")
         trunk, heads = name.split("+")
         count, head_type = heads.split("x", 1)
-        return cls(trunk=trunk, num_heads=int(count), head_type=head_type)
+        return cls(trunk=trunk, num_heads=int(count), head_type=head_type, sample_rate=float(rate or 1.0))
 
 
 def build_trainer(spec: RunSpec, args: argparse.Namespace, output_dir: str, callbacks: list):
@@ -115,7 +124,8 @@ def build_trainer(spec: RunSpec, args: argparse.Namespace, output_dir: str, call
         peft_config = lora if spec.trunk == "lora" else None
     else:
         peft_config = MTPConfig(num_heads=spec.num_heads, head_type=spec.head_type,
-                                lora_config=lora if spec.trunk == "lora" else None)
+                                lora_config=lora if spec.trunk == "lora" else None,
+                                head_loss_sample_rate=spec.sample_rate)
     sft_args = SFTConfig(
         output_dir=output_dir, use_cpu=not cuda, bf16=cuda, gradient_checkpointing=args.gradient_checkpointing,
         per_device_train_batch_size=args.batch, max_steps=args.warmup + args.steps, max_length=args.seq,
@@ -231,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, nargs="+", default=[1, 2, 4], help="values of K")
     parser.add_argument("--head-types", nargs="+", default=["ffn", "sequential"])
     parser.add_argument("--trunks", nargs="+", default=["frozen", "lora"], choices=["frozen", "lora"])
+    parser.add_argument("--sample-rates", type=float, nargs="+", default=[1.0],
+                        help="MTPConfig.head_loss_sample_rate values (1.0: every target, the exact loss)")
     parser.add_argument("--warmup", type=int, default=1, help="steps run before timing")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per run")
     parser.add_argument("--rounds", type=int, default=1, help="passes over all configurations")
@@ -254,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     passthrough += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
     passthrough += ["--cpu"] if args.cpu else []
     baseline = RunSpec(trunk="lora")
-    specs = [RunSpec(trunk, k, head_type) for trunk in args.trunks for head_type in args.head_types for k in args.heads]
+    specs = [RunSpec(trunk, k, head_type, rate) for trunk in args.trunks for head_type in args.head_types
+             for rate in args.sample_rates for k in args.heads]
     order = schedule(specs, baseline, args.rounds, args.baseline_every)
     print(f"{len(order)} runs, batch {args.batch} x {args.seq}, {args.layers} layers, vocab {args.vocab}", flush=True)
     results: dict[str, list[dict]] = {baseline.name: []}

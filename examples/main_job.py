@@ -119,7 +119,7 @@ class JobArguments:
     distill_max_new_tokens: int | None = field(default=None, metadata={"help": "Longest distilled answer."})
     distill_batch_size: int | None = field(default=None, metadata={"help": "Prompts generated together."})
     warmup_epochs: float = field(default=8.0, metadata={"help": "Epochs on cached trunk outputs."})
-    warmup_learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of the warm-up."})
+    warmup_learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate of the warm-up (1e-3 made the loss of sequential heads spike on SmolLM2)."})
     warmup_vocab_subset: bool = field(default=False, metadata={"help": "Score the warm-up over answer tokens only (faster; full-vocabulary agreement suffers on small data)."})
     sft_epochs: float = field(default=1.0, metadata={"help": "Epochs of the SFTTrainer phase."})
     sft_learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate of the SFTTrainer phase."})

@@ -91,7 +91,7 @@ class MTPConfig(PeftConfig):
             Fraction of each head's targets scored per training step, drawn at random for each head
             (evaluation always scores all of them). Below 1 the head loss is an unbiased estimate, cheaper in
             proportion: scoring a target takes two projections onto the whole vocabulary, which dominates
-            the cost of a head on small models (on SmolLM2-135M one head costs about a fifth of a LoRA-SFT
+            the cost of a head on small models (on SmolLM2-135M one head costs about a sixth of a LoRA-SFT
             step in FLOPs). 1.0 scores every target.
 
     > Parameters that control training
