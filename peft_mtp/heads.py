@@ -287,8 +287,13 @@ class CausalConvBlock(nn.Module):
         full_valid = torch.cat([step.past_valid, step.valid], dim=1)
         span = W + self.kernel_size - 1
         window = (full * full_valid[..., None].to(full.dtype))[:, -span:]  # cached pads may hold stale values
-        window = F.pad(window.transpose(1, 2), (span - window.shape[1], 0))  # (B, H, W + kernel - 1)
-        x = self.conv(window).transpose(1, 2)  # (B, W, H)
+        window = F.pad(window, (0, 0, span - window.shape[1], 0))  # (B, W + kernel - 1, H)
+        # The depthwise convolution as one small contraction: for a few new positions it is much cheaper
+        # than Conv1d's setup (and Conv1d has no fast float64 path on CPU).
+        windows = window.unfold(1, self.kernel_size, 1)  # (B, W, H, kernel)
+        x = torch.einsum("bwhk,hk->bwh", windows, self.conv.weight[:, 0, :])
+        if self.conv.bias is not None:
+            x = x + self.conv.bias
         return hidden + self.out(F.silu(x))
 
 
