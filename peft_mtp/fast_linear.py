@@ -48,20 +48,28 @@ def _padded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return F.linear(padded, weight, bias)[:rows]
 
 
-CANDIDATES = {"linear": _linear, "transposed_mm": _transposed_mm, "padded": _padded}
+def _split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # Products of up to 3 rows run at nearly the 1-row cost on some BLAS builds; 4+ rows can cost twice as much.
+    return torch.cat([F.linear(part, weight, bias) for part in x.split(_SPLIT_ROWS)])
+
+
+_SPLIT_ROWS = 3
+CANDIDATES = {"linear": _linear, "transposed_mm": _transposed_mm, "padded": _padded, "split": _split}
 
 
 class KernelChoice:
     """Which candidate kernel is fastest per (weight shape, dtype, row count, threads), measured once.
 
     Args:
-        repeats: timed calls per candidate (interleaved); the minimum is kept, being the least
+        repeats: least timed calls per candidate (interleaved); the minimum is kept, being the least
             disturbed by other processes.
         margin: a candidate must beat `F.linear` by this fraction to replace it.
+        budget_s: cheap products are timed more often, up to about this many seconds per shape and row count.
     """
 
-    def __init__(self, repeats: int = 3, margin: float = 0.1):
+    def __init__(self, repeats: int = 3, margin: float = 0.1, budget_s: float = 0.02):
         self.repeats = repeats
+        self.budget_s = budget_s
         self.margin = margin
         self.table: dict[tuple, str] = {}
 
@@ -78,9 +86,13 @@ class KernelChoice:
 
     def _measure(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
         best: dict[str, float] = {}
+        start = time.perf_counter()
         for fn in CANDIDATES.values():  # warm up every kernel once
             fn(x, weight, bias)
-        for _ in range(self.repeats):
+        per_round = time.perf_counter() - start
+        # Small products are cheap to time and noisy: time them more often (within `budget_s`).
+        repeats = max(self.repeats, min(25, int(self.budget_s / max(per_round, 1e-9))))
+        for _ in range(repeats):
             for name, fn in CANDIDATES.items():
                 start = time.perf_counter()
                 fn(x, weight, bias)

@@ -209,7 +209,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_hits):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
-        # The loss is linear in its own gradient: scale what the forward computed by the incoming gradient.
+        # Chain rule with a scalar loss: d f(loss) / d x = f'(loss) * d loss / d x, where the forward computed the last factor.
         scale = grad_loss.float()
         return (
             None if grad_hidden is None else (grad_hidden * scale).to(hidden_dtype),
