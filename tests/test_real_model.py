@@ -2,7 +2,7 @@
 SFTTrainer on the model's own answers, saved, reloaded onto a fresh copy of the base, and speculative
 `generate` checked token for token against plain greedy on real prompts.
 
-Slow (about a minute on a quiet 2-core CPU, more under load); CI runs it. Deselect with `-m "not slow"`.
+Slow (minutes on a 2-core CPU); opt-in: `python3 -m pytest -m slow tests/test_real_model.py`.
 """
 
 from __future__ import annotations

@@ -102,4 +102,8 @@ def _reason_not_to_speculate(mtp_model: MTPModel, options: SpeculationOptions, k
         return "per-step scores, logits, attentions or hidden states were requested"
     if generation_config.prefill_chunk_size is not None:
         return "chunked prefill"
+    # These processors keep state across calls (their own model cache, a watermark key stream), so they
+    # must see exactly one call per generated token.
+    if generation_config.guidance_scale not in (None, 1.0) or generation_config.watermarking_config is not None:
+        return "classifier-free guidance or watermarking"
     return None

@@ -170,7 +170,8 @@ class SpeculativeDecoder:
             )
         self.shapes = DraftShapes(options.tree_paths(max_depth), num_heads)
         fixed = None if options.depth == "auto" else min(options.depth, self.shapes.max_depth)
-        self.controller = DepthController(self.shapes.max_depth, fixed)
+        sizes = [self.shapes.tree(depth).num_nodes for depth in range(self.shapes.max_depth + 1)]
+        self.controller = DepthController(self.shapes.max_depth, fixed, sizes=sizes)
         self.drafter = HeadDrafter(self.heads, self.trunk)
         self.stats = SpeculationStats(num_heads=num_heads, trace=[] if options.trace else None)
         if not self.shapes.is_chain:
