@@ -13,17 +13,21 @@ What is compared (all with TRL's plain `SFTTrainer`, the same random-init model 
 * `frozen+K×<head>`: K heads on a frozen trunk (Medusa-1 style, the default). Frozen-trunk SFT without heads
   trains nothing, so it has no like-for-like baseline: it is compared with `sft-lora` too, and it is cheaper
   because the trunk runs without autograd (no trunk backward at all).
-* `lora+4x<head>@0.25` (`--extra`): K=4 with LoRA, scoring a random quarter of each head's targets per step
-  (`MTPConfig.head_loss_sample_rate=0.25`). The exact full-vocabulary loss costs two vocabulary projections
-  per target and head: about 0.46 TFLOP per head at 8 x 512, against about 2.7 TFLOP for a whole `sft-lora`
-  step (trunk forward and backward about 2, TRL's own head 0.7), so exact K=4 heads cannot fit in 1.25x on
-  this shape; sampling trades gradient noise for that cost.
+* `.../v8192` (`--extra`, `--draft-vocab`): the same heads predicting over a draft vocabulary of 8,192 tokens
+  (`MTPConfig.draft_vocab_size`). A full-vocabulary head costs two vocabulary projections per target: about
+  0.46 TFLOP per head at 8 x 512, against about 2.7 TFLOP for a whole `sft-lora` step (trunk forward and
+  backward about 2, TRL's own head 0.7), so K=4 full-vocabulary heads cannot fit in 1.25x on this shape
+  whatever the implementation; with 8,192 of 49,152 tokens a head costs a sixth of that.
+* `...@0.25`: heads scoring a random quarter of their targets per step (`MTPConfig.head_loss_sample_rate`).
 
 Bar (issue 3): K=4 heads cost <= 1.25x the step time and <= 1.15x the peak memory of `sft-lora`.
 
 Model: `LlamaConfig(vocab 49,152, hidden 576, intermediate 1,536, 30 layers, 9 heads, 3 KV heads, tied
 embeddings)` with random weights (no download), float32 on CPU, bf16 on CUDA. Batch: `--batch` x `--seq`
-random tokens (8 x 512 by default), no padding. SFTConfig: `bf16=False` on CPU (CPU bf16 is ~10x slower
+random tokens (8 x 512 by default), no padding, the same for every configuration. Tokens are drawn so that 96%
+of them fall in the 8,192 lowest ids, as 96% of SmolLM2's held-out answer tokens fall in the 8,192 most frequent
+tokens of its training answers: a fitted draft vocabulary then scores as many targets as it would on real text
+(full-vocabulary heads cost the same whatever the tokens). SFTConfig: `bf16=False` on CPU (CPU bf16 is ~10x slower
 here), no gradient checkpointing unless `--gradient-checkpointing`, AdamW, `max_steps = warmup + steps`.
 
 How it measures:
@@ -48,6 +52,11 @@ Commands:
     # A quick smoke run (small shapes, seconds):
     python benchmarks/bench_training.py --layers 2 --seq 64 --batch 2 --vocab 4096 --heads 1 4 --warmup 1 --steps 1
 
+    # The K = 4 bar only (what docs/training.md reports): exact full-vocabulary ffn heads for reference, then
+    # ffn and sequential heads with a draft vocabulary of 8,192 tokens, frozen and LoRA trunks (~20 min idle):
+    python benchmarks/bench_training.py --warmup 1 --steps 1 --trunks lora --heads 4 --head-types ffn \
+        --extra lora+4xffn/v8192 lora+4xsequential/v8192 frozen+4xffn/v8192 frozen+4xsequential/v8192
+
     # K = 4 with half of each head's targets scored per step (MTPConfig.head_loss_sample_rate=0.5), nothing else:
     python benchmarks/bench_training.py --warmup 1 --steps 1 --trunks lora --heads 4 --sample-rates 0.5 --extra
 
@@ -69,33 +78,39 @@ import tempfile
 import time
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FREQUENT_IDS, FREQUENT_SHARE = 8192, 0.96
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-    """One configuration: trunk mode ("lora" or "frozen"), K heads of a type (K = 0: plain SFT), and the share of
-    head targets scored per step (`MTPConfig.head_loss_sample_rate`; the name gets `@rate` below 1)."""
+    """One configuration: trunk mode ("lora" or "frozen"), K heads of a type (K = 0: plain SFT), the share of
+    head targets scored per step (`MTPConfig.head_loss_sample_rate`; the name gets `@rate` below 1) and the draft
+    vocabulary size (`MTPConfig.draft_vocab_size`; the name gets `/v<size>`, 0 = the whole vocabulary)."""
 
     trunk: str
     num_heads: int = 0
     head_type: str = "ffn"
     sample_rate: float = 1.0
+    draft_vocab: int = 0
 
     @property
     def name(self) -> str:
         if self.num_heads == 0:
             return f"sft-{self.trunk}"
+        vocab = f"/v{self.draft_vocab}" if self.draft_vocab else ""
         rate = "" if self.sample_rate == 1.0 else f"@{self.sample_rate:g}"
-        return f"{self.trunk}+{self.num_heads}x{self.head_type}{rate}"
+        return f"{self.trunk}+{self.num_heads}x{self.head_type}{vocab}{rate}"
 
     @classmethod
     def parse(cls, name: str) -> RunSpec:
         if name.startswith("sft-"):
             return cls(trunk=name[4:])
         name, _, rate = name.partition("@")
+        name, _, vocab = name.partition("/v")
         trunk, heads = name.split("+")
         count, head_type = heads.split("x", 1)
-        return cls(trunk=trunk, num_heads=int(count), head_type=head_type, sample_rate=float(rate or 1.0))
+        return cls(trunk=trunk, num_heads=int(count), head_type=head_type, sample_rate=float(rate or 1.0),
+                   draft_vocab=int(vocab or 0))
 
 
 def build_trainer(spec: RunSpec, args: argparse.Namespace, output_dir: str, callbacks: list):
@@ -122,7 +137,11 @@ def build_trainer(spec: RunSpec, args: argparse.Namespace, output_dir: str, call
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0")),
                                         pad_token="t2", eos_token="t2")
     generator = torch.Generator().manual_seed(0)
-    rows = torch.randint(3, args.vocab, (args.batch * (args.warmup + args.steps), args.seq - 1), generator=generator)
+    shape = (args.batch * (args.warmup + args.steps), args.seq - 1)
+    # 96% of the tokens among the 8,192 lowest ids, the rest anywhere (see the module docstring).
+    frequent = torch.randint(3, min(FREQUENT_IDS, args.vocab), shape, generator=generator)
+    rare = torch.randint(3, args.vocab, shape, generator=generator)
+    rows = torch.where(torch.rand(shape, generator=generator) < FREQUENT_SHARE, frequent, rare)
     dataset = datasets.Dataset.from_dict({"input_ids": rows.tolist()})  # TRL appends EOS: seq tokens per row
 
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
@@ -131,7 +150,7 @@ def build_trainer(spec: RunSpec, args: argparse.Namespace, output_dir: str, call
     else:
         peft_config = MTPConfig(num_heads=spec.num_heads, head_type=spec.head_type,
                                 lora_config=lora if spec.trunk == "lora" else None,
-                                head_loss_sample_rate=spec.sample_rate)
+                                head_loss_sample_rate=spec.sample_rate, draft_vocab_size=spec.draft_vocab or None)
     sft_args = SFTConfig(
         output_dir=output_dir, use_cpu=not cuda, bf16=cuda, gradient_checkpointing=args.gradient_checkpointing,
         per_device_train_batch_size=args.batch, max_steps=args.warmup + args.steps, max_length=args.seq,
@@ -251,9 +270,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trunks", nargs="+", default=["frozen", "lora"], choices=["frozen", "lora"])
     parser.add_argument("--sample-rates", type=float, nargs="+", default=[1.0],
                         help="MTPConfig.head_loss_sample_rate values (1.0: every target, the exact loss)")
-    parser.add_argument("--extra", nargs="*", default=["lora+4xffn@0.25", "lora+4xsequential@0.25"],
-                        help="more configurations by name, run after the others (default: K=4 LoRA scoring a "
-                             "quarter of each head's targets)")
+    parser.add_argument("--draft-vocab", type=int, nargs="+", default=[0],
+                        help="MTPConfig.draft_vocab_size values (0: the whole vocabulary)")
+    parser.add_argument("--extra", nargs="*", default=["lora+4xffn/v8192", "lora+4xsequential/v8192"],
+                        help="more configurations by name, run after the others (default: K=4 LoRA heads with a "
+                             "draft vocabulary of 8,192 tokens)")
     parser.add_argument("--warmup", type=int, default=1, help="steps run before timing")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per run")
     parser.add_argument("--rounds", type=int, default=1, help="passes over all configurations")
@@ -277,8 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     passthrough += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
     passthrough += ["--cpu"] if args.cpu else []
     baseline = RunSpec(trunk="lora")
-    specs = [RunSpec(trunk, k, head_type, rate) for trunk in args.trunks for head_type in args.head_types
-             for rate in args.sample_rates for k in args.heads]
+    specs = [RunSpec(trunk, k, head_type, rate, vocab) for trunk in args.trunks for head_type in args.head_types
+             for rate in args.sample_rates for vocab in args.draft_vocab for k in args.heads]
     specs += [RunSpec.parse(name) for name in args.extra]
     order = schedule(specs, baseline, args.rounds, args.baseline_every)
     print(f"{len(order)} runs, batch {args.batch} x {args.seq}, {args.layers} layers, vocab {args.vocab}", flush=True)

@@ -20,6 +20,7 @@ from peft import get_peft_model
 
 from peft_mtp import HEAD_TYPES, MTPConfig
 
+DRAFT_VOCAB_SIZE = 8192  # the main job's `MTPConfig.draft_vocab_size`
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
                     vocab_size=49152, tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0,
                     max_position_embeddings=2048)
@@ -45,14 +46,17 @@ def main() -> None:
     # with the context), then by the unembedding: about `parameters + hidden * vocab` multiply-adds. The model's
     # own forward is about its parameter count per token (the tied unembedding is used once, the lookup is free).
     print("| head_type | parameters per head (num_layers=1) | K=4 heads | % of the model | per extra layer "
-          "| multiply-adds per position, one head with the unembedding | % of a model forward |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "| multiply-adds per position, one head with the unembedding | % of a model forward "
+          f"| the same with `draft_vocab_size={DRAFT_VOCAB_SIZE}` | % of a model forward |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for head_type in HEAD_TYPES:
         one = head_parameters(base, head_type)
         two = head_parameters(base, head_type, num_layers=2)
         per_position = one + hidden * vocab
+        draft = one + hidden * DRAFT_VOCAB_SIZE
         print(f"| `{head_type}` | {one:,} | {4 * one:,} | {100 * 4 * one / base_total:.1f}% | {two - one:,} "
-              f"| {per_position / 1e6:.1f}M | {100 * per_position / base_total:.0f}% |")
+              f"| {per_position / 1e6:.1f}M | {100 * per_position / base_total:.0f}% "
+              f"| {draft / 1e6:.1f}M | {100 * draft / base_total:.0f}% |")
 
 if __name__ == "__main__":
     main()

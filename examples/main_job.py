@@ -18,10 +18,9 @@ that produce them, so a rerun skips finished work and an interrupted stage conti
 2. prompts   chat-format HumanEval problems and standard-library questions, with held-out evaluation
              prompts training never sees (examples/offline_data.py);
 3. distill   the model's own greedy answers to the training prompts (`peft_mtp.distill`), in chunks;
-4. warm-up   heads trained on cached trunk outputs over a vocabulary subset (`peft_mtp.warmup`): one
-             trunk pass, then many cheap epochs;
-5. sft       TRL's plain `SFTTrainer` with the full-vocabulary MTP loss (`peft_mtp.training`), continuing
-             from the warm-up;
+4. warm-up   heads trained on cached trunk outputs (`peft_mtp.warmup`): one trunk pass, then many cheap
+             epochs; heads predict over a draft vocabulary of the training answers' most frequent tokens;
+5. sft       TRL's plain `SFTTrainer` with the MTP loss (`peft_mtp.training`), continuing from the warm-up;
 6. eval      top-1 agreement of each head with the model's greedy output on held-out prompts, then
              tokens/s of plain greedy `generate` vs speculative `generate` with the heads, batch 1,
              alternating the two, and whether the tokens are identical;
@@ -76,6 +75,7 @@ class JobArguments:
         num_heads: K.
         head_type: an `MTPConfig.head_type`.
         num_layers: layers per head.
+        draft_vocab_size: tokens the heads predict over (`MTPConfig.draft_vocab_size`; 0 = the whole vocabulary).
 
     > Parameters that control the data
 
@@ -89,7 +89,6 @@ class JobArguments:
     Args:
         warmup_epochs: epochs on cached trunk outputs.
         warmup_learning_rate: peak learning rate of the warm-up.
-        warmup_vocab_subset: score the warm-up over the tokens of the training answers only.
         sft_epochs: epochs of the SFTTrainer phase (stopped early by the time budget).
         sft_learning_rate: its learning rate.
         sft_batch_size: its batch size.
@@ -115,12 +114,13 @@ class JobArguments:
     head_type: str = field(default="sequential", metadata={"help": "MTP head type.",
                                                             "choices": list(peft_mtp.HEAD_TYPES)})
     num_layers: int = field(default=1, metadata={"help": "Layers per head."})
+    draft_vocab_size: int = field(default=8192, metadata={"help": "Tokens the heads predict over, the most frequent "
+                                                                   "of the training answers (0: the whole vocabulary)."})
     num_train_prompts: int | None = field(default=None, metadata={"help": "Training prompts to distill."})
     distill_max_new_tokens: int | None = field(default=None, metadata={"help": "Longest distilled answer."})
     distill_batch_size: int | None = field(default=None, metadata={"help": "Prompts generated together."})
     warmup_epochs: float = field(default=8.0, metadata={"help": "Epochs on cached trunk outputs."})
     warmup_learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate of the warm-up (1e-3 made the loss of sequential heads spike on SmolLM2)."})
-    warmup_vocab_subset: bool = field(default=False, metadata={"help": "Score the warm-up over answer tokens only (faster; full-vocabulary agreement suffers on small data)."})
     sft_epochs: float = field(default=1.0, metadata={"help": "Epochs of the SFTTrainer phase."})
     sft_learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate of the SFTTrainer phase."})
     sft_batch_size: int | None = field(default=None, metadata={"help": "Batch size of the SFTTrainer phase."})
@@ -312,12 +312,12 @@ def train_heads(args: JobArguments, base_model, tokenizer, data: datasets.Datase
     """Warm-up on cached trunk outputs, then the SFTTrainer phase. Returns `(peft_model, heads_dir, training_log)`."""
     from peft import PeftModel, get_peft_model
 
-    from peft_mtp.warmup import cache_trunk_outputs, target_vocabulary, warmup_heads
+    from peft_mtp.warmup import cache_trunk_outputs, warmup_heads
 
     mtp_config = MTPConfig(num_heads=args.num_heads, head_type=args.head_type, num_layers=args.num_layers,
-                           head_weight_schedule="uniform")
+                           head_weight_schedule="uniform", draft_vocab_size=args.draft_vocab_size or None)
     key = settings_key(data_key, mtp_config.to_dict(), args.warmup_epochs, args.warmup_learning_rate,
-                       args.warmup_vocab_subset, args.sft_epochs, args.sft_learning_rate, args.sft_batch_size, args.seed)
+                       args.sft_epochs, args.sft_learning_rate, args.sft_batch_size, args.seed)
     folder = Path(args.work_dir) / f"heads-{args.head_type}-k{args.num_heads}-{key}"
     warm_dir, sft_dir, final_dir = folder / "warmup", folder / "sft", folder / "final"
     log_path = folder / "training_log.json"
@@ -340,18 +340,16 @@ def train_heads(args: JobArguments, base_model, tokenizer, data: datasets.Datase
         start = time.perf_counter()
         batches = warmup_batches(trainer.train_dataset, 8, tokenizer.pad_token_id)
         cached = cache_trunk_outputs(peft_model, batches)
-        vocabulary = target_vocabulary(cached) if args.warmup_vocab_subset else None
         result = warmup_heads(peft_model, cached, epochs=args.warmup_epochs, learning_rate=args.warmup_learning_rate,
-                              vocabulary=vocabulary, time_limit_s=clock.stage_seconds("warmup"), seed=args.seed)
+                              time_limit_s=clock.stage_seconds("warmup"), seed=args.seed)
         del cached
-        log["warmup"] = dict(asdict(result), vocabulary=None if vocabulary is None else len(vocabulary),
-                             seconds_with_cache=time.perf_counter() - start)
+        log["warmup"] = dict(asdict(result), seconds_with_cache=time.perf_counter() - start)
         print(f"warm-up: {result.steps} steps in {result.seconds:.0f} s, head accuracy "
-              f"{[round(a, 3) for a in result.head_accuracies]} (vocabulary subset: {log['warmup']['vocabulary']})")
+              f"{[round(a, 3) for a in result.head_accuracies]}")
         peft_model.save_pretrained(str(warm_dir))
         write_json(log_path, log)
 
-    banner("sft: TRL SFTTrainer, full-vocabulary MTP loss", clock)
+    banner("sft: TRL SFTTrainer with the MTP loss", clock)
     peft_model.train()
     start = time.perf_counter()
     has_checkpoint = any(sft_dir.glob("checkpoint-*"))

@@ -10,6 +10,7 @@
 from ._peft_registration import register_mtp_method
 from .alignment import head_targets, target_offset
 from .config import HEAD_TYPES, MTPConfig
+from .draft_vocab import fit_draft_vocabulary
 from .hub import install_hub_fix
 from .model import MTPCausalLMOutputWithPast, MTPModel
 
@@ -24,6 +25,7 @@ __all__ = [
     "MTPCausalLMOutputWithPast",
     "MTPConfig",
     "MTPModel",
+    "fit_draft_vocabulary",
     "head_targets",
     "target_offset",
 ]

@@ -50,6 +50,14 @@ class MTPConfig(PeftConfig):
             Whether heads use the base model's frozen unembedding (`lm_head`). If `False`, every head
             gets its own trainable copy of it, which is saved with the adapter (vocab x hidden
             parameters per head).
+        draft_vocab_size (`int`, *optional*):
+            If set, heads predict over this many tokens only, the most frequent ones of the training data
+            (a reduced draft vocabulary, as in EAGLE-3 and FR-Spec): a head then costs about
+            `draft_vocab_size / vocab_size` of the vocabulary projections a full-vocabulary head costs, in
+            training and in drafting. Targets outside it give no loss and count as misses; decoding stays
+            exact (the model verifies with its full vocabulary). The SFTTrainer hook picks the tokens from the
+            training set; elsewhere call `peft_mtp.fit_draft_vocabulary`. `None`: the whole vocabulary. See
+            docs/head_types.md for the coverage and cost on SmolLM2.
         head_dropout (`float`, *optional*, defaults to `0.0`):
             Dropout on the input of each head's blocks during training.
         cnn_kernel_size (`int`, *optional*, defaults to `4`):
@@ -134,6 +142,11 @@ class MTPConfig(PeftConfig):
         default=True,
         metadata={"help": "Use the base model's frozen unembedding. False gives each head a trainable copy (large)."},
     )
+    draft_vocab_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Heads predict over this many most frequent training tokens only (cheaper heads; "
+                          "decoding stays exact). None: the whole vocabulary."},
+    )
     head_dropout: float = field(default=0.0, metadata={"help": "Dropout on head inputs during training."})
     cnn_kernel_size: int = field(default=4, metadata={"help": "Width of the causal convolution of `cnn` heads."})
     mha_num_attention_heads: Optional[int] = field(
@@ -209,6 +222,14 @@ class MTPConfig(PeftConfig):
             raise ValueError(f"`num_layers` must be an integer >= 1, got {self.num_layers!r}.")
         if self.head_init not in HEAD_INITS:
             raise ValueError(f"`head_init` must be one of {HEAD_INITS}, got {self.head_init!r}.")
+        if self.draft_vocab_size is not None and (
+            not isinstance(self.draft_vocab_size, int) or isinstance(self.draft_vocab_size, bool)
+            or self.draft_vocab_size < 1
+        ):
+            raise ValueError(
+                f"`draft_vocab_size` must be an integer >= 1 (tokens heads predict over) or None (the whole "
+                f"vocabulary), got {self.draft_vocab_size!r}."
+            )
         if not 0.0 <= self.head_dropout < 1.0:
             raise ValueError(f"`head_dropout` must be in [0, 1), got {self.head_dropout!r}.")
         if not isinstance(self.cnn_kernel_size, int) or self.cnn_kernel_size < 1:

@@ -14,8 +14,9 @@ predicts exactly what the model's own next-token head predicts.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from torch import nn
 
 from .alignment import future_tokens
 from .config import MTPConfig
+from .draft_vocab import DraftVocabulary
 from .trunk import Trunk, call_layer
 
 
@@ -37,10 +39,10 @@ class HeadContext:
         embed: the model's token embedding function.
     """
 
-    input_ids: Optional[torch.Tensor] = None
-    attention_mask: Optional[torch.Tensor] = None
+    input_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
     layer_kwargs: list[dict[str, Any]] = field(default_factory=list)
-    embed: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class HeadCache:
@@ -188,7 +190,7 @@ class CausalSelfAttention(nn.Module):
         # A zero output projection makes the attention branch start at zero.
         _zero_(self.out) if init == "base" else _normal_(std, self.out)
 
-    def forward(self, hidden: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
         B, T, H = hidden.shape
         q, k, v = self.qkv(hidden).view(B, T, 3, self.num_heads, H // self.num_heads).permute(2, 0, 3, 1, 4)
         mask = torch.ones(T, T, dtype=torch.bool, device=hidden.device).tril()  # (T, T): query t sees keys <= t
@@ -218,7 +220,7 @@ class MHAFFNBlock(nn.Module):
         self.attn = CausalSelfAttention(hidden_size, num_attention_heads, init, std)
         self.ffn = ResidualFFNBlock(hidden_size, init, std, dropout)
 
-    def forward(self, hidden: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
         hidden = hidden + self.attn(self.dropout(self.attn_norm(hidden)), padding_mask)
         return self.ffn(hidden)
 
@@ -266,7 +268,7 @@ class CausalConvBlock(nn.Module):
         self.out = nn.Linear(hidden_size, hidden_size)
         _zero_(self.out) if init == "base" else _normal_(std, self.out)
 
-    def forward(self, hidden: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.dropout(self.norm(hidden))
         if padding_mask is not None:
             x = x * padding_mask[..., None].to(x.dtype)  # padded positions contribute nothing
@@ -402,6 +404,11 @@ class MTPHeadStack(nn.Module):
         self.unembeddings = None
         if not config.share_unembedding:
             self.unembeddings = nn.ModuleList(_copy_unembedding(trunk.unembedding) for _ in range(config.num_heads))
+        self.draft_vocab = None
+        if config.draft_vocab_size is not None:
+            self.draft_vocab = DraftVocabulary(config.draft_vocab_size, trunk.vocab_size)
+        # Gathered draft-vocabulary rows of frozen unembeddings (see `draft_unembedding`); a cache, not state.
+        self._frozen_rows: dict[tuple, tuple] = {}
 
     @property
     def num_layer_kwargs(self) -> int:
@@ -432,7 +439,7 @@ class MTPHeadStack(nn.Module):
         return torch.stack(outputs, dim=2)
 
     def logits(self, head_hidden: torch.Tensor, trunk: Trunk) -> torch.Tensor:
-        """Logits of head outputs, with ONE unembedding matmul for all heads when they share it.
+        """Full-vocabulary logits of head outputs (`-inf` outside the draft vocabulary, if the heads have one).
 
         Args:
             head_hidden: `(..., K, H)` head outputs.
@@ -441,14 +448,76 @@ class MTPHeadStack(nn.Module):
         Returns:
             `(..., K, V)` logits.
         """
+        return self.full_vocab_logits(self.draft_logits(head_hidden, trunk))
+
+    def draft_logits(self, head_hidden: torch.Tensor, trunk: Trunk, k: int | None = None) -> torch.Tensor:
+        """Logits over the heads' own vocabulary (the draft vocabulary, or the model's whole one).
+
+        Shared unembeddings are applied in ONE matmul for all heads; slot i of the last dimension is token
+        `token_ids(i)`.
+
+        Args:
+            head_hidden: `(..., K, H)` outputs of every head, or `(..., H)` of head `k` alone.
+            trunk: the base model's trunk (final norm, unembedding, logit transform).
+            k: the head (1..K) when `head_hidden` holds one head's outputs.
+
+        Returns:
+            `(..., K, N)` or `(..., N)` logits, N = the draft vocabulary size (V without one).
+        """
+        if k is not None:
+            return self._project(head_hidden, trunk, self.unembedding_of(k))
         if self.unembeddings is None:
-            return trunk.logits(head_hidden)
+            return self._project(head_hidden, trunk, None)
         return torch.stack(
-            [trunk.logits(head_hidden[..., k, :], unembedding) for k, unembedding in enumerate(self.unembeddings)],
+            [self._project(head_hidden[..., i, :], trunk, unembedding) for i, unembedding in enumerate(self.unembeddings)],
             dim=-2,
         )
 
-    def unembedding_of(self, k: int) -> Optional[nn.Module]:
+    def _project(self, hidden: torch.Tensor, trunk: Trunk, unembedding: nn.Module | None) -> torch.Tensor:
+        if self.draft_vocab is None:
+            return trunk.logits(hidden, unembedding)
+        linear = unembedding or trunk.unembedding
+        weight, bias = self.draft_unembedding(linear.weight, getattr(linear, "bias", None))
+        return trunk.transform_logits(F.linear(trunk.final_norm(hidden), weight, bias))
+
+    def draft_unembedding(self, weight: torch.Tensor, bias: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rows of an unembedding (the model's, or a head's own) that score the draft vocabulary.
+
+        Args:
+            weight: `(V, H)` unembedding weight.
+            bias: its `(V,)` bias, or None.
+
+        Returns:
+            `(N, H)` weight and `(N,)` bias or None (`weight` and `bias` themselves without a draft vocabulary).
+        """
+        if self.draft_vocab is None:
+            return weight, bias
+        ids = self.draft_vocab.token_ids
+        if weight.requires_grad and torch.is_grad_enabled():
+            return weight[ids], None if bias is None else bias[ids]  # a trainable copy: rows must carry grad
+        # A frozen unembedding (the shared one, or any while decoding): gather its rows once, not at every call.
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, ids._version)
+        cached = self._frozen_rows.get(key)
+        if cached is None:
+            if len(self._frozen_rows) >= 2 * (self.num_heads + 1):
+                self._frozen_rows.clear()  # stale entries of weights that moved or changed
+            cached = (weight.detach()[ids], None if bias is None else bias.detach()[ids])
+            self._frozen_rows[key] = cached
+        return cached
+
+    def full_vocab_logits(self, draft_logits: torch.Tensor) -> torch.Tensor:
+        """Scatter `(..., N)` draft-vocabulary logits into `(..., V)`, `-inf` for tokens heads cannot draft."""
+        if self.draft_vocab is None:
+            return draft_logits
+        full = draft_logits.new_full((*draft_logits.shape[:-1], self.draft_vocab.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.draft_vocab.token_ids, draft_logits)
+
+    def token_ids(self, slots: torch.Tensor) -> torch.Tensor:
+        """Token ids of draft-vocabulary slots (the argmax / top-k indices of `draft_logits`)."""
+        return slots if self.draft_vocab is None else self.draft_vocab.to_token_ids(slots)
+
+    def unembedding_of(self, k: int) -> nn.Module | None:
         """Head k's own unembedding (k = 1..K), or None when heads share the model's."""
         return None if self.unembeddings is None else self.unembeddings[k - 1]
 

@@ -82,7 +82,9 @@ class MTPLossOutput:
         head_loss_sums: `(K,)` summed loss of each head (what sums exactly across processes).
         head_correct: `(K,)` number of valid targets each head ranked first (top-1 hits; in `"soft"` mode,
             rows where the head's argmax is the model's argmax).
-        head_counts: `(K,)` number of valid targets of each head.
+        head_counts: `(K,)` number of valid targets of each head (the denominator of its accuracy).
+        head_scored: `(K,)` number of those the loss scored (the denominator of its loss): fewer than
+            `head_counts` only with a draft vocabulary, which cannot score targets outside it.
     """
 
     loss: torch.Tensor
@@ -90,6 +92,7 @@ class MTPLossOutput:
     head_loss_sums: torch.Tensor
     head_correct: torch.Tensor
     head_counts: torch.Tensor
+    head_scored: torch.Tensor
 
     @property
     def head_accuracies(self) -> torch.Tensor:
@@ -312,6 +315,7 @@ def mtp_loss(
     trunk_hidden: torch.Tensor | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     sample_rate: float = 1.0,
+    target_slots: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> MTPLossOutput:
     """Weighted loss of K heads against tokens t+1+k, without materialising their logits.
 
@@ -327,6 +331,8 @@ def mtp_loss(
         chunk_rows: rows projected at once.
         sample_rate: fraction of each head's valid targets to score, drawn at random per head (1.0: all). The mean
             over the drawn targets is an unbiased estimate of the mean over all of them.
+        target_slots: for heads with a draft vocabulary (`unembedding_of(k)` then scores its N tokens only): maps
+            token ids to their slots, -1 outside it. Targets outside give no loss and count as misses.
 
     Returns:
         An `MTPLossOutput`. A head with no valid target contributes 0 (never NaN).
@@ -338,35 +344,44 @@ def mtp_loss(
     if target_source == "argmax":
         labels = model_predictions(labels, trunk_hidden, unembedding_of(0), chunk_rows)
     seq_len, num_heads = head_hidden.shape[1], head_hidden.shape[2]
-    sums, hits, counts = [], [], []
+    sums, hits, counts, scored_counts = [], [], [], []
     total = head_hidden.new_zeros((), dtype=torch.float32)
     for k in range(1, num_heads + 1):
         targets = head_targets(labels, k, position_ids)  # (B, T)
         valid = targets != IGNORE_INDEX
         if sample_rate < 1.0:
             valid &= torch.rand(valid.shape, device=valid.device) < sample_rate
-        hidden_k = head_hidden[:, :, k - 1][valid]  # (N, H)
-        if target_source == "soft":
-            # Head k at t learns the model's distribution at t+k (valid t all have t+k < T).
-            teacher = trunk_hidden[:, k:][valid[:, : max(seq_len - k, 0)]].detach()
-            loss_sum, hit = fused_linear_cross_entropy(hidden_k, unembedding_of(k), teacher=teacher,
-                                                       chunk_rows=chunk_rows)
-        else:
-            loss_sum, hit = fused_linear_cross_entropy(hidden_k, unembedding_of(k), targets=targets[valid],
-                                                       chunk_rows=chunk_rows)
         count = valid.sum()
-        total = total + weights[k - 1] * (loss_sum / count.clamp(min=1))
+        if target_source == "soft":
+            # Head k at t learns the model's distribution at t+k (valid t all have t+k < T), over the head's own
+            # vocabulary (the teacher is projected with the same unembedding rows, so it is renormalised there).
+            teacher = trunk_hidden[:, k:][valid[:, : max(seq_len - k, 0)]].detach()
+            loss_sum, hit = fused_linear_cross_entropy(head_hidden[:, :, k - 1][valid], unembedding_of(k),
+                                                       teacher=teacher, chunk_rows=chunk_rows)
+            scored = count
+        else:
+            y = targets[valid]
+            hidden_k = head_hidden[:, :, k - 1][valid]  # (N, H)
+            if target_slots is not None:
+                y = target_slots(y)
+                inside = y >= 0
+                hidden_k, y = hidden_k[inside], y[inside]
+            loss_sum, hit = fused_linear_cross_entropy(hidden_k, unembedding_of(k), targets=y, chunk_rows=chunk_rows)
+            scored = count.new_tensor(y.shape[0])
+        total = total + weights[k - 1] * (loss_sum / scored.clamp(min=1))
         sums.append(loss_sum.detach())
         hits.append(hit)
         counts.append(count)
+        scored_counts.append(scored)
     if not total.requires_grad and head_hidden.requires_grad:
         # No valid target anywhere: keep the graph connected so backward() runs (with zero gradients).
         total = total + 0.0 * head_hidden.sum()
-    head_loss_sums, head_counts = torch.stack(sums), torch.stack(counts)
+    head_loss_sums, head_scored = torch.stack(sums), torch.stack(scored_counts)
     return MTPLossOutput(
         loss=total,
-        head_losses=head_loss_sums / head_counts.clamp(min=1),
+        head_losses=head_loss_sums / head_scored.clamp(min=1),
         head_loss_sums=head_loss_sums,
         head_correct=torch.stack(hits),
-        head_counts=head_counts,
+        head_counts=torch.stack(counts),
+        head_scored=head_scored,
     )

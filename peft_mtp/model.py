@@ -11,7 +11,7 @@ import copy
 import dataclasses
 import inspect
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from peft import inject_adapter_in_model
@@ -53,10 +53,10 @@ class MTPCausalLMOutputWithPast(CausalLMOutputWithPast):
         mtp_head_accuracies: `(K,)` top-1 accuracy of each head, when labels were given.
     """
 
-    mtp_logits: Optional[torch.FloatTensor] = None
-    mtp_loss: Optional[torch.FloatTensor] = None
-    mtp_head_losses: Optional[torch.FloatTensor] = None
-    mtp_head_accuracies: Optional[torch.FloatTensor] = None
+    mtp_logits: torch.FloatTensor | None = None
+    mtp_loss: torch.FloatTensor | None = None
+    mtp_head_losses: torch.FloatTensor | None = None
+    mtp_head_accuracies: torch.FloatTensor | None = None
 
 
 class MTPModel(BaseTuner):
@@ -100,7 +100,7 @@ class MTPModel(BaseTuner):
         adapter_name: str,
         autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
-        state_dict: Optional[dict[str, torch.Tensor]] = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Build the heads of `adapter_name` (and inject its trunk LoRA, if configured)."""
         config: MTPConfig = self.peft_config[adapter_name]
@@ -135,7 +135,7 @@ class MTPModel(BaseTuner):
         if "mtp" in self._modules:
             self.mtp.enable_adapters(enabled)
 
-    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             if name not in self.peft_config:
@@ -188,7 +188,7 @@ class MTPModel(BaseTuner):
     # ------------------------------------------------------------------------------------------
     # Forward
 
-    def active_heads(self) -> Optional[MTPHeadStack]:
+    def active_heads(self) -> MTPHeadStack | None:
         """The active adapter's head stack, or None when adapters are disabled."""
         return self.mtp.active_stack() if "mtp" in self._modules else None
 
@@ -287,8 +287,8 @@ class MTPModel(BaseTuner):
         return _with_mtp_outputs(outputs, extra)  # another output class (e.g. a trainer's fused head)
 
     def compute_mtp_loss(
-        self, head_hidden: torch.Tensor, labels: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-        trunk_hidden: Optional[torch.Tensor] = None,
+        self, head_hidden: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
+        trunk_hidden: torch.Tensor | None = None,
     ) -> MTPLossOutput:
         """Weighted, chunked loss of the active heads against tokens t+1+k (see `peft_mtp.loss`).
 
@@ -304,15 +304,22 @@ class MTPModel(BaseTuner):
         config = self.active_config()
         # Sampling targets is a training-time saving: evaluation scores every target.
         sample_rate = config.head_loss_sample_rate if self.training else 1.0
+        vocabulary = self.active_heads().draft_vocab
         return mtp_loss(head_hidden, labels, self.head_unembedding, config.head_loss_weights(), position_ids,
-                        target_source=config.head_target_source, trunk_hidden=trunk_hidden, sample_rate=sample_rate)
+                        target_source=config.head_target_source, trunk_hidden=trunk_hidden, sample_rate=sample_rate,
+                        target_slots=None if vocabulary is None else vocabulary.to_slots)
 
     def head_unembedding(self, k: int) -> Unembedding:
-        """Final norm, unembedding and logit transform of head k (k = 0: the model's own head)."""
+        """Final norm, unembedding and logit transform of head k (k = 0: the model's own head).
+
+        A head with a draft vocabulary scores its N tokens only: the unembedding's rows of those tokens.
+        """
         trunk = self.get_trunk()
         linear = (self.active_heads().unembedding_of(k) if k > 0 else None) or trunk.unembedding
-        return Unembedding(norm=trunk.final_norm, weight=_unsharded(linear.weight),
-                           bias=_unsharded(getattr(linear, "bias", None)),
+        weight, bias = _unsharded(linear.weight), _unsharded(getattr(linear, "bias", None))
+        if k > 0:
+            weight, bias = self.active_heads().draft_unembedding(weight, bias)
+        return Unembedding(norm=trunk.final_norm, weight=weight, bias=bias,
                            logit_scale=trunk.logit_multiplier, softcap=trunk.softcap)
 
     # Fraction of training done (0..1): moves the MTP-weight schedule. Set by the trainer hook
@@ -323,7 +330,7 @@ class MTPModel(BaseTuner):
         """The active adapter's MTP weight at `training_progress` (see `MTPConfig.mtp_loss_weight_final`)."""
         return self.active_config().mtp_loss_weight_at(self.training_progress)
 
-    def add_model_tags(self, tags: Union[list[str], str]) -> None:
+    def add_model_tags(self, tags: list[str] | str) -> None:
         """Add tags to the base model's card, and attach to the trainer when a trainer is the caller.
 
         TRL's `SFTTrainer.__init__` ends with `self.model.add_model_tags(...)`: the one point where a model
@@ -347,7 +354,7 @@ def _inject_trunk_lora(model: nn.Module, lora_config, adapter_name: str, low_cpu
             model.peft_config = saved
 
 
-def _share_of_step(labels: torch.Tensor, num_items_in_batch: Union[int, torch.Tensor]) -> torch.Tensor:
+def _share_of_step(labels: torch.Tensor, num_items_in_batch: int | torch.Tensor) -> torch.Tensor:
     """This micro-batch's share of the next-token targets of the whole optimizer step.
 
     When transformers' Trainer passes `num_items_in_batch`, it expects the model's loss to be a sum over
@@ -418,7 +425,7 @@ def _unsharded(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return tensor
 
 
-def _keep_positions(head_hidden: torch.Tensor, logits_to_keep: Union[int, torch.Tensor]) -> torch.Tensor:
+def _keep_positions(head_hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
     """Select the positions transformers' `logits_to_keep` keeps (an int keeps the last n; 0 keeps all)."""
     if isinstance(logits_to_keep, int):
         return head_hidden if logits_to_keep == 0 else head_hidden[:, -logits_to_keep:]

@@ -80,6 +80,7 @@ from transformers.trainer_callback import TrainerCallback
 
 from .config import CONTEXTUAL_HEAD_TYPES
 from .distributed import check_distributed_setup
+from .draft_vocab import fit_on_dataset
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -176,12 +177,16 @@ def step_metrics(result: MTPLossOutput, weight: float, next_token_loss: float | 
         Flat metric names (`mtp/head1_loss`, ...) to floats. A head without targets in this pass reports
         nothing, so that it does not drag the window's average to 0.
     """
-    sums, correct, counts = (t.tolist() for t in (result.head_loss_sums, result.head_correct, result.head_counts))
+    sums, correct, counts, scored = (
+        t.tolist() for t in (result.head_loss_sums, result.head_correct, result.head_counts, result.head_scored)
+    )
     metrics: dict[str, float] = {}
     accuracies = []
-    for k, (loss_sum, hits, count) in enumerate(zip(sums, correct, counts), start=1):
+    for k, (loss_sum, hits, count, num_scored) in enumerate(zip(sums, correct, counts, scored), start=1):
         if count > 0:
-            metrics[f"{METRIC_PREFIX}head{k}_loss"] = loss_sum / count
+            # Loss over the targets the loss scored; accuracy over all (a draft vocabulary misses the others).
+            if num_scored > 0:
+                metrics[f"{METRIC_PREFIX}head{k}_loss"] = loss_sum / num_scored
             metrics[f"{METRIC_PREFIX}head{k}_acc"] = hits / count
         accuracies.append(hits / count if count > 0 else 0.0)
     if any(count > 0 for count in counts):
@@ -221,7 +226,8 @@ class TrainerLink:
         if trainer is None or not hasattr(trainer, "_metrics"):
             return
         num_heads = result.head_counts.numel()
-        stats = [result.head_loss_sums.float(), result.head_correct.float(), result.head_counts.float()]
+        stats = [result.head_loss_sums.float(), result.head_correct.float(), result.head_counts.float(),
+                 result.head_scored.float()]
         if next_token is not None:
             stats.append(torch.stack([t.detach().float().reshape(()) for t in next_token]))
         # The weighted loss rides along (last) so that every process's enters its mean, not rank 0's alone.
@@ -229,11 +235,12 @@ class TrainerLink:
         if trainer.accelerator.num_processes > 1:
             flat = trainer.accelerator.reduce(flat, reduction="sum")
         mean_loss, flat = flat[-1] / trainer.accelerator.num_processes, flat[:-1]
-        sums, correct, counts = flat[:num_heads], flat[num_heads:2 * num_heads], flat[2 * num_heads:3 * num_heads]
+        sums, correct, counts, scored = (flat[i * num_heads:(i + 1) * num_heads] for i in range(4))
         next_token_loss = None
         if next_token is not None and flat[-1] > 0:
             next_token_loss = float(flat[-2] / flat[-1])
-        summed = types.SimpleNamespace(head_loss_sums=sums, head_correct=correct, head_counts=counts, loss=mean_loss)
+        summed = types.SimpleNamespace(head_loss_sums=sums, head_correct=correct, head_counts=counts,
+                                       head_scored=scored, loss=mean_loss)
         mode = "train" if training else "eval"
         for name, value in step_metrics(summed, weight, next_token_loss).items():
             trainer._metrics[mode][name].append(value)
@@ -428,6 +435,8 @@ def attach_trainer(trainer: Trainer, tuner: MTPModel | None = None) -> None:
     if link is not None and link.trainer is trainer:
         return
     tuner.__dict__["_mtp_trainer_link"] = TrainerLink(trainer)
+    # Heads with an unfitted draft vocabulary predict over the training set's most frequent tokens.
+    fit_on_dataset(tuner, getattr(trainer, "train_dataset", None))
     for callback in list(trainer.callback_handler.callbacks):
         if isinstance(callback, MTPTrainingCallback):
             trainer.callback_handler.remove_callback(callback)

@@ -7,11 +7,10 @@ on the cache (`warmup_heads`) buys two to three times more head epochs in the sa
 also records the arguments the trunk gave its last decoder layers (masks, rotary embeddings), so
 heads built from decoder layers (`identical`, `sequential`) train on it too.
 
-Training on the cache can also score a *vocabulary subset* (the tokens that occur as targets): with
-self-distilled data a few thousand tokens out of tens of thousands, which cuts the unembedding, the
-largest cost left, by an order of magnitude. Logits of tokens outside the subset are then not pushed
-down, so follow the warm-up with a full-vocabulary phase (e.g. TRL's `SFTTrainer`, which this module
-does not replace) and measure acceptance with full-vocabulary logits.
+The warm-up optimises exactly the trainer's MTP loss (`MTPModel.compute_mtp_loss`: the config's head
+weights, target source and draft vocabulary), so it hands the trainer heads trained on the same objective.
+With a draft vocabulary (`MTPConfig.draft_vocab_size`) each step is several times cheaper, since the
+vocabulary projections are the largest cost left once the trunk is cached.
 """
 
 from __future__ import annotations
@@ -24,9 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .alignment import IGNORE_INDEX, head_targets
 from .heads import HeadContext
 
 
@@ -102,12 +99,6 @@ def cache_trunk_outputs(model, batches: Iterable[dict[str, torch.Tensor]], progr
     return cached
 
 
-def target_vocabulary(batches: Sequence[TrunkOutputBatch]) -> torch.Tensor:
-    """Sorted ids of every token that occurs as a label (the tokens heads must learn to predict)."""
-    labels = torch.cat([batch.labels.flatten() for batch in batches])
-    return labels[labels != IGNORE_INDEX].unique()
-
-
 @dataclass
 class WarmupResult:
     """What `warmup_heads` did.
@@ -116,7 +107,8 @@ class WarmupResult:
         steps: optimizer steps taken.
         seconds: wall time of the training loop.
         head_losses: mean loss of each head over the last epoch.
-        head_accuracies: top-1 accuracy of each head over the last epoch (against the subset if one was used).
+        head_accuracies: top-1 accuracy of each head over the last epoch (a target outside a draft vocabulary is
+            a miss).
     """
 
     steps: int
@@ -130,7 +122,6 @@ def warmup_heads(
     batches: Sequence[TrunkOutputBatch],
     epochs: float = 4.0,
     learning_rate: float = 1e-3,
-    vocabulary: torch.Tensor | None = None,
     weight_decay: float = 0.0,
     warmup_ratio: float = 0.05,
     max_grad_norm: float = 1.0,
@@ -140,16 +131,13 @@ def warmup_heads(
 ) -> WarmupResult:
     """Train the active MTP heads on cached trunk outputs (AdamW, linear warm-up then cosine decay).
 
-    The loss is the config's weighted per-head cross-entropy against tokens t+1+k (`alignment.head_targets`),
-    the same objective the trainer's MTP loss optimises.
+    The loss is the trainer's own MTP loss (`MTPModel.compute_mtp_loss`) on the cached trunk outputs.
 
     Args:
         model: the `PeftModel` whose heads the batches were cached for.
         batches: output of `cache_trunk_outputs`.
         epochs: passes over the batches (fractions allowed).
         learning_rate: peak learning rate.
-        vocabulary: optional sorted token ids to score instead of the whole vocabulary (see the module docstring);
-            every label must be in it (`target_vocabulary` gives the smallest such set).
         weight_decay: AdamW weight decay.
         warmup_ratio: share of the steps spent warming the learning rate up.
         max_grad_norm: gradient clipping norm.
@@ -164,14 +152,8 @@ def warmup_heads(
 
     tuner = _tuner(model)
     _check_frozen_trunk(tuner)
-    trunk, heads, config = tuner.get_trunk(), tuner.active_heads(), tuner.active_config()
-    weights = config.head_loss_weights()
+    trunk, heads = tuner.get_trunk(), tuner.active_heads()
     num_heads = heads.num_heads
-    unembeddings = [_scoring_weight(heads, trunk, k, vocabulary) for k in range(1, num_heads + 1)]
-    remap = None
-    if vocabulary is not None:
-        remap = torch.full((trunk.vocab_size,), IGNORE_INDEX, dtype=torch.long, device=vocabulary.device)
-        remap[vocabulary] = torch.arange(len(vocabulary), device=vocabulary.device)
 
     params = [p for p in heads.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95))
@@ -184,7 +166,7 @@ def warmup_heads(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     rng = random.Random(seed)
     was_training = heads.training
-    losses, hits, counts = torch.zeros(num_heads), torch.zeros(num_heads), torch.zeros(num_heads)
+    losses, scored, hits, counts = (torch.zeros(num_heads) for _ in range(4))
     heads.train()
     start, step = time.perf_counter(), 0
     bar = tqdm(total=total, desc="Warming up heads on cached trunk outputs", unit="step", disable=not progress)
@@ -192,25 +174,18 @@ def warmup_heads(
         order = list(range(len(batches)))
         rng.shuffle(order)
         if step + len(order) >= total:  # last (partial) epoch: reset the running metrics to report it alone
-            losses.zero_(), hits.zero_(), counts.zero_()
+            losses.zero_(), scored.zero_(), hits.zero_(), counts.zero_()
         for index in order[: total - step]:
             batch = batches[index]
             context = HeadContext(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                   layer_kwargs=batch.layer_kwargs, embed=trunk.embed)
             head_hidden = heads(batch.hidden, context)  # (B, T, K, H)
-            loss = head_hidden.new_zeros(())
-            for k in range(1, num_heads + 1):
-                targets = head_targets(batch.labels, k)  # (B, T), -100 where head k has no target
-                valid = targets != IGNORE_INDEX
-                if not valid.any():
-                    continue
-                logits = _subset_logits(trunk, head_hidden[:, :, k - 1][valid], unembeddings[k - 1])  # (N, V')
-                y = targets[valid] if remap is None else remap[targets[valid]]
-                head_loss = F.cross_entropy(logits.float(), y)
-                loss = loss + weights[k - 1] * head_loss
-                losses[k - 1] += head_loss.item() * len(y)
-                hits[k - 1] += (logits.argmax(-1) == y).sum().item()
-                counts[k - 1] += len(y)
+            result = tuner.compute_mtp_loss(head_hidden, batch.labels, trunk_hidden=batch.hidden)
+            loss = result.loss
+            losses += result.head_loss_sums.float().cpu()
+            scored += result.head_scored.float().cpu()
+            hits += result.head_correct.float().cpu()
+            counts += result.head_counts.float().cpu()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
@@ -224,17 +199,5 @@ def warmup_heads(
                 break
     bar.close()
     heads.train(was_training)
-    counts = counts.clamp(min=1)
-    return WarmupResult(step, time.perf_counter() - start, (losses / counts).tolist(), (hits / counts).tolist())
-
-
-def _scoring_weight(heads, trunk, k: int, vocabulary: torch.Tensor | None) -> torch.Tensor:
-    """Unembedding rows head k is scored against: its own or the model's, restricted to `vocabulary`."""
-    own = heads.unembedding_of(k)
-    weight = (trunk.unembedding if own is None else own).weight
-    return weight if vocabulary is None else weight[vocabulary]
-
-
-def _subset_logits(trunk, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`(N, H)` head hidden states -> `(N, V')` logits, as `Trunk.logits` computes them, over some unembedding rows."""
-    return trunk.transform_logits(F.linear(trunk.final_norm(hidden), weight))
+    return WarmupResult(step, time.perf_counter() - start, (losses / scored.clamp(min=1)).tolist(),
+                        (hits / counts.clamp(min=1)).tolist())

@@ -68,9 +68,9 @@ def chi_square_p_value(samples: list[tuple[int, ...]], exact: dict[tuple[int, ..
     return float(torch.special.gammaincc(dof / 2, torch.tensor(statistic, dtype=torch.float64) / 2))
 
 
-def model_with_heads(head_type: str):
+def model_with_heads(head_type: str, **config):
     """A tiny model whose next-token distributions are peaked (scaled unembedding), so temperature matters."""
-    model = heads_model(head_type, num_heads=2, seed=3, noise=0.05)
+    model = heads_model(head_type, num_heads=2, seed=3, noise=0.05, **config)
     with torch.no_grad():
         model.base_model.model.get_output_embeddings().weight.mul_(20.0)  # logits of std ~2 instead of ~0.1
     return model

@@ -121,9 +121,10 @@ class HeadDrafter:
         """Logits of parallel heads 1..depth at the last verified trunk position, in one unembedding matmul.
 
         Returns:
-            `(B, depth, V)`; `[:, k-1]` predicts the token k positions after the one the model predicts.
+            `(B, depth, N)` over the heads' vocabulary (`MTPHeadStack.token_ids` maps slots to token ids);
+            `[:, k-1]` predicts the token k positions after the one the model predicts.
         """
-        return self.heads.logits(self.last_hidden[:, :depth], self.trunk)
+        return self.heads.draft_logits(self.last_hidden[:, :depth], self.trunk)
 
     def draft_chain(
         self,
@@ -139,7 +140,8 @@ class HeadDrafter:
             verified: maps `(B, W)` positions to verified token ids (positions < `num_verified`).
             num_verified: `(B,)` verified tokens per row; the last one (position V) is the one the
                 model is fed next, and trunk outputs exist for positions < V.
-            pick: `(k, logits (B, V)) -> (B,)` chooses depth k's draft from its logits.
+            pick: `(k, logits (B, N)) -> (B,)` chooses depth k's draft (a token id) from its logits over the
+                heads' vocabulary.
 
         Returns:
             `(B, depth)` drafts; `[:, k-1]` is the token at position V+k.
@@ -189,7 +191,7 @@ class HeadDrafter:
             self.committed[:, index] = new_committed
             # Draft k: the output at position V-1, window entry inputs_len - 1.
             last_output = outputs[torch.arange(batch, device=device), inputs_len - 1]
-            logits = self.trunk.logits(last_output, self.heads.unembedding_of(k))  # (B, V)
+            logits = self.heads.draft_logits(last_output, self.trunk, k=k)  # (B, N)
             drafts = torch.cat([drafts, pick(k, logits)[:, None]], dim=1)
             previous, previous_len = outputs, inputs_len
         return drafts

@@ -295,20 +295,21 @@ class SpeculativeDecoder:
 
             def pick(k: int, logits: torch.Tensor) -> torch.Tensor:
                 if not self.do_sample:
-                    return logits.argmax(dim=-1)
-                scores = self._process_rows(logits.float())
+                    return self.heads.token_ids(logits.argmax(dim=-1))
+                scores = self._process_rows(self.heads.full_vocab_logits(logits).float())
                 probs.append(torch.softmax(scores, dim=-1))
                 return torch.multinomial(probs[-1], 1)[:, 0]
 
             drafts = self.drafter.draft_chain(depth, self._verified_tokens, self._num_verified(), pick)
             return torch.cat([root[:, None], drafts], dim=1), (torch.stack(probs, dim=1) if probs else None)
-        logits = self.drafter.head_logits(tree.depth)  # (R, D, V), one unembedding matmul for all heads
+        logits = self.drafter.head_logits(tree.depth)  # (R, D, N), one unembedding matmul for all heads
         if self.do_sample and tree.is_chain:
-            scores = torch.stack([self._process_rows(logits[:, k].float()) for k in range(tree.depth)], dim=1)
+            full = self.heads.full_vocab_logits(logits)  # (R, D, V): processors and acceptance work on token ids
+            scores = torch.stack([self._process_rows(full[:, k].float()) for k in range(tree.depth)], dim=1)
             probs = torch.softmax(scores, dim=-1)
             drafts = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).view(probs.shape[:2])
             return torch.cat([root[:, None], drafts], dim=1), probs
-        candidates = [logits[:, k].topk(tree.topk[k], dim=-1).indices for k in range(tree.depth)]
+        candidates = [self.heads.token_ids(logits[:, k].topk(tree.topk[k], dim=-1).indices) for k in range(tree.depth)]
         return tree.node_tokens(root, candidates), None
 
     def _verify(self, tokens: torch.Tensor, tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:
