@@ -53,7 +53,7 @@ import peft_mtp  # noqa: E402,F401  (registers the MTP method with PEFT)
 from peft_mtp import MTPConfig  # noqa: E402
 
 # Share of `time_budget_min` each stage may use before it stops early (what it finished is kept).
-STAGE_BUDGET = {"distill": 0.40, "warmup": 0.15, "sft": 0.12}
+STAGE_BUDGET = {"distill": 0.30, "warmup": 0.25, "sft": 0.07}
 
 
 @dataclass
@@ -83,6 +83,9 @@ class JobArguments:
         num_train_prompts: training prompts to distill (default 320 on CPU, all on GPU).
         distill_max_new_tokens: longest self-distilled answer.
         distill_batch_size: prompts generated together.
+        num_text_tokens: tokens of standard-library source added to the warm-up, teacher-forced with the model's
+            own greedy predictions as targets (cheaper per token than generating answers).
+        text_window: length of those training windows.
 
     > Parameters that control the training
 
@@ -119,6 +122,9 @@ class JobArguments:
     num_train_prompts: int | None = field(default=None, metadata={"help": "Training prompts to distill."})
     distill_max_new_tokens: int | None = field(default=None, metadata={"help": "Longest distilled answer."})
     distill_batch_size: int | None = field(default=None, metadata={"help": "Prompts generated together."})
+    num_text_tokens: int | None = field(default=None, metadata={"help": "Standard-library source tokens added to the "
+                                                                       "warm-up (targets: the model's predictions)."})
+    text_window: int = field(default=512, metadata={"help": "Length of those windows."})
     warmup_epochs: float = field(default=8.0, metadata={"help": "Epochs on cached trunk outputs."})
     warmup_learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate of the warm-up (1e-3 made the loss of sequential heads spike on SmolLM2)."})
     sft_epochs: float = field(default=1.0, metadata={"help": "Epochs of the SFTTrainer phase."})
@@ -126,7 +132,7 @@ class JobArguments:
     sft_batch_size: int | None = field(default=None, metadata={"help": "Batch size of the SFTTrainer phase."})
     num_eval_code: int = field(default=24, metadata={"help": "Last HumanEval problems held out."})
     num_eval_chat: int = field(default=24, metadata={"help": "Held-out chat prompts."})
-    num_speed_prompts: int = field(default=6, metadata={"help": "Timed prompts of each kind (batch 1)."})
+    num_speed_prompts: int = field(default=4, metadata={"help": "Timed prompts of each kind (batch 1)."})
     eval_max_new_tokens: int = field(default=128, metadata={"help": "Tokens generated per timed prompt."})
     eval_depths: str = field(default="auto,1,2,3", metadata={"help": "Draft depths timed, comma-separated."})
     time_budget_min: float = field(default=30.0, metadata={"help": "Target wall time of the whole job."})
@@ -137,7 +143,8 @@ class JobArguments:
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         gpu = self.device.startswith("cuda")
         defaults = dict(num_train_prompts=None if gpu else 320, distill_max_new_tokens=256 if gpu else 160,
-                        distill_batch_size=64 if gpu else 32, sft_batch_size=32 if gpu else 8)
+                        distill_batch_size=64 if gpu else 32, sft_batch_size=32 if gpu else 8,
+                        num_text_tokens=2_000_000 if gpu else 131_072)
         for name, value in defaults.items():
             if getattr(self, name) is None and (name != "num_train_prompts" or not gpu):
                 setattr(self, name, value)
@@ -233,13 +240,18 @@ def make_sft_trainer(args: JobArguments, peft_model, tokenizer, data: datasets.D
     from trl import SFTConfig, SFTTrainer
 
     gpu = args.device.startswith("cuda")
-    deadline = time.perf_counter() + clock.stage_seconds("sft")
 
     class StopAtDeadline(TrainerCallback):
         """Ends training when the stage's time share is spent (a checkpoint is saved first)."""
 
+        deadline = float("inf")
+
+        def on_train_begin(self, train_args, state, control, **kwargs):
+            # The trainer is built before the warm-up (which reads its tokenized data): the clock starts here.
+            self.deadline = time.perf_counter() + clock.stage_seconds("sft")
+
         def on_step_end(self, train_args, state, control, **kwargs):
-            if time.perf_counter() > deadline:
+            if time.perf_counter() > self.deadline:
                 control.should_training_stop = True
                 control.should_save = True
             return control
@@ -290,9 +302,27 @@ def start_decoder_layers_as_identity(peft_model) -> int:
     return zeroed
 
 
-def warmup_batches(dataset: datasets.Dataset, batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    """Right-padded batches of the trainer's own tokenized rows (`input_ids`, `labels`), sorted by length."""
-    rows = sorted(zip(dataset["input_ids"], dataset["labels"]), key=lambda row: len(row[0]))
+def text_windows(tokenizer, num_tokens: int, window: int, seed: int) -> list[list[int]]:
+    """About `num_tokens` tokens of standard-library source, as windows of `window` tokens (one file per window)."""
+    from offline_data import stdlib_source_texts
+
+    windows, total = [], 0
+    if not num_tokens:
+        return windows
+    for text in stdlib_source_texts(seed=seed)["text"]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids) - window // 4, window):  # drop short tails
+            windows.append(ids[start:start + window])
+            total += len(windows[-1])
+            if total >= num_tokens:
+                return windows
+    return windows
+
+
+def warmup_batches(rows: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int
+                   ) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches of `(input_ids, labels)` rows, sorted by length."""
+    rows = sorted(rows, key=lambda row: len(row[0]))
     batches = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
@@ -312,12 +342,17 @@ def train_heads(args: JobArguments, base_model, tokenizer, data: datasets.Datase
     """Warm-up on cached trunk outputs, then the SFTTrainer phase. Returns `(peft_model, heads_dir, training_log)`."""
     from peft import PeftModel, get_peft_model
 
+    from peft_mtp import fit_draft_vocabulary
+    from peft_mtp.draft_vocab import training_targets
     from peft_mtp.warmup import cache_trunk_outputs, warmup_heads
 
+    # Targets: the model's own greedy predictions (on its distilled answers they are the answers themselves).
     mtp_config = MTPConfig(num_heads=args.num_heads, head_type=args.head_type, num_layers=args.num_layers,
-                           head_weight_schedule="uniform", draft_vocab_size=args.draft_vocab_size or None)
+                           head_weight_schedule="uniform", draft_vocab_size=args.draft_vocab_size or None,
+                           head_target_source="argmax")
     key = settings_key(data_key, mtp_config.to_dict(), args.warmup_epochs, args.warmup_learning_rate,
-                       args.sft_epochs, args.sft_learning_rate, args.sft_batch_size, args.seed)
+                       args.num_text_tokens, args.text_window, args.sft_epochs, args.sft_learning_rate,
+                       args.sft_batch_size, args.seed)
     folder = Path(args.work_dir) / f"heads-{args.head_type}-k{args.num_heads}-{key}"
     warm_dir, sft_dir, final_dir = folder / "warmup", folder / "sft", folder / "final"
     log_path = folder / "training_log.json"
@@ -328,17 +363,26 @@ def train_heads(args: JobArguments, base_model, tokenizer, data: datasets.Datase
     torch.manual_seed(args.seed)
     folder.mkdir(parents=True, exist_ok=True)
     log: dict[str, Any] = json.loads(log_path.read_text()) if log_path.exists() else {}
-    if (warm_dir / "adapter_config.json").exists():
+    warmed_up = (warm_dir / "adapter_config.json").exists()
+    if warmed_up:
         peft_model = PeftModel.from_pretrained(base_model, str(warm_dir), is_trainable=True)
     else:
         peft_model = get_peft_model(base_model, mtp_config)
         start_decoder_layers_as_identity(peft_model)
     trainer = make_sft_trainer(args, peft_model, tokenizer, data, sft_dir, clock)
+    windows = [] if warmed_up else text_windows(tokenizer, args.num_text_tokens, args.text_window, args.seed)
+    if not warmed_up and mtp_config.draft_vocab_size:
+        # The draft vocabulary: the most frequent tokens of everything the heads train on (the trainer hook would
+        # fit it on the distilled answers alone).
+        fit_draft_vocabulary(peft_model, [*training_targets(trainer.train_dataset), *windows])
 
     if not (warm_dir / "adapter_config.json").exists():
         banner("warm-up: heads on cached trunk outputs", clock)
         start = time.perf_counter()
-        batches = warmup_batches(trainer.train_dataset, 8, tokenizer.pad_token_id)
+        # The trainer's tokenized answers (prompt tokens labelled -100), then the text windows (every token trained).
+        rows = [*zip(trainer.train_dataset["input_ids"], trainer.train_dataset["labels"]),
+                *((window, window) for window in windows)]
+        batches = warmup_batches(rows, 8, tokenizer.pad_token_id)
         cached = cache_trunk_outputs(peft_model, batches)
         result = warmup_heads(peft_model, cached, epochs=args.warmup_epochs, learning_rate=args.warmup_learning_rate,
                               time_limit_s=clock.stage_seconds("warmup"), seed=args.seed)
@@ -420,10 +464,29 @@ def time_generation(peft_model, tokenizer, prompts: datasets.Dataset, args: JobA
     """tokens/s of plain greedy vs speculative `generate`, batch 1, each prompt timed with both, order alternating."""
     from tqdm.auto import tqdm
 
+    from peft_mtp.fast_linear import fast_small_row_linear
+
     runs: dict[str, dict[str, float]] = {"plain": {"tokens": 0, "seconds": 0.0}}
     stats: dict[str, list] = {}
     identical: dict[str, bool] = {}
     modes = ["plain"] + [f"depth={d}" for d in args.depths]
+
+    def generate(mode: str, encoded, max_new_tokens: int):
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
+        if mode == "plain":
+            # The baseline gets the same matmul kernels speculation uses (peft_mtp.fast_linear): on this CPU they
+            # make plain greedy faster too, and a trick that speeds the baseline must count for it.
+            with fast_small_row_linear(peft_model):
+                return peft_model.generate(**encoded, **kwargs, mtp_speculate=False)
+        depth = mode.split("=")[1]
+        kwargs.update(mtp_depth=depth if depth == "auto" else int(depth), return_dict_in_generate=True)
+        return peft_model.generate(**encoded, **kwargs)
+
+    # Warm-up: the kernel choice is measured the first time each row count appears; that cost is not decoding.
+    warm = tokenizer.apply_chat_template(prompts["messages"][0], add_generation_prompt=True, return_tensors="pt",
+                                         return_dict=True).to(peft_model.device)
+    for mode in modes:
+        generate(mode, warm, 24)
     bar = tqdm(total=len(prompts) * len(modes), desc="Timing generate", unit="run")
     for index, messages in enumerate(prompts["messages"]):
         encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
@@ -431,14 +494,8 @@ def time_generation(peft_model, tokenizer, prompts: datasets.Dataset, args: JobA
         order = modes if index % 2 == 0 else modes[::-1]  # alternate who goes first: no systematic warm-cache edge
         outputs = {}
         for mode in order:
-            kwargs = dict(max_new_tokens=args.eval_max_new_tokens, do_sample=False)
-            if mode == "plain":
-                kwargs["mtp_speculate"] = False
-            else:
-                depth = mode.split("=")[1]
-                kwargs.update(mtp_depth=depth if depth == "auto" else int(depth), return_dict_in_generate=True)
             start = time.perf_counter()
-            output = peft_model.generate(**encoded, **kwargs)
+            output = generate(mode, encoded, args.eval_max_new_tokens)
             seconds = time.perf_counter() - start
             sequences = output if isinstance(output, torch.Tensor) else output.sequences
             new = sequences[0, encoded["input_ids"].shape[1]:]

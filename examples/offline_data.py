@@ -8,6 +8,9 @@ Two sources:
 * **chat**: questions about functions and classes of Python's standard library, written from their docstrings
   (explain it, summarise its documentation, show an example, write a function that does what it says).
 
+A third source is plain text for teacher-forced training (`stdlib_source_texts`): the source files of the standard
+library, on which heads learn the model's own greedy predictions (`head_target_source="argmax"`).
+
 Held-out evaluation prompts never overlap training: the last `num_eval_code` HumanEval problems, and chat prompts
 about standard-library modules that no training prompt mentions (the module lists are disjoint).
 """
@@ -119,6 +122,38 @@ def stdlib_prompts(modules: tuple[str, ...], seed: int = 0, code_fraction: float
             content = template.format(qualname=qualname, module=module_name, doc=paragraph, summary=summary)
             rows.append({"id": qualname, "kind": "code" if is_code else "chat",
                          "messages": [{"role": "user", "content": content}]})
+    return datasets.Dataset.from_list(rows)
+
+
+def stdlib_source_texts(seed: int = 0, exclude: tuple[str, ...] = EVAL_MODULES) -> datasets.Dataset:
+    """The standard library's own Python source files, in a seeded random order.
+
+    Test suites, IDLE, `site-packages` and the modules of `exclude` (by default those of the held-out chat prompts,
+    so that training never reads their code) are left out.
+
+    Args:
+        seed: shuffling seed.
+        exclude: module names whose source files are skipped.
+
+    Returns:
+        A Dataset with columns `path` (relative to the standard library) and `text`.
+    """
+    root = os.path.dirname(os.__file__)
+    skipped_dirs = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "lib2to3"}
+    excluded = {name.split(".")[0] for name in exclude} | {name.replace(".", "/") for name in exclude}
+    paths = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in skipped_dirs and not d.startswith("test"))
+        for name in sorted(files):
+            relative = os.path.relpath(os.path.join(folder, name), root)
+            module = relative[:-3].replace(os.sep, "/").removesuffix("/__init__")
+            if name.endswith(".py") and module.split("/")[0] not in excluded and module not in excluded:
+                paths.append(relative)
+    random.Random(seed).shuffle(paths)
+    rows = []
+    for relative in paths:
+        with open(os.path.join(root, relative), encoding="utf-8", errors="replace") as handle:
+            rows.append({"path": relative, "text": handle.read()})
     return datasets.Dataset.from_list(rows)
 
 

@@ -19,7 +19,7 @@ stack) and restored exactly on load.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -129,11 +129,30 @@ def fit_draft_vocabulary(model, sequences: Iterable[Iterable[int]]) -> torch.Ten
     return vocabulary.token_ids
 
 
+def training_targets(dataset) -> Iterator[list[int]]:
+    """The token ids heads are trained to predict in each row of a tokenized training set.
+
+    A row's `input_ids`, restricted to its `completion_mask` / `assistant_masks` when it has one (TRL's prepared
+    datasets mark completions and assistant turns that way).
+
+    Args:
+        dataset: rows with `input_ids` (e.g. an `SFTTrainer`'s `train_dataset`).
+
+    Yields:
+        One list of ids per row.
+    """
+    columns = getattr(dataset, "column_names", None) or []
+    mask_column = next((name for name in ("completion_mask", "assistant_masks") if name in columns), None)
+    for row in dataset:
+        ids = row["input_ids"]
+        mask = row[mask_column] if mask_column is not None else None
+        if mask is not None and any(mask):
+            ids = [token for token, keep in zip(ids, mask) if keep]
+        yield ids
+
+
 def fit_on_dataset(tuner, dataset) -> bool:
     """Fit an unfitted draft vocabulary on a tokenized training set (what the SFTTrainer hook calls).
-
-    Counts the `input_ids` of every row, restricted to its `completion_mask` / `assistant_masks` when
-    the row has one (the tokens heads are trained to predict).
 
     Args:
         tuner: the `MTPModel`.
@@ -146,17 +165,7 @@ def fit_on_dataset(tuner, dataset) -> bool:
     vocabulary = None if heads is None else heads.draft_vocab
     if vocabulary is None or bool(vocabulary.fitted) or dataset is None:
         return False
-    columns = getattr(dataset, "column_names", None) or []
-    if "input_ids" not in columns:
+    if "input_ids" not in (getattr(dataset, "column_names", None) or []):
         return False
-    mask_column = next((name for name in ("completion_mask", "assistant_masks") if name in columns), None)
-
-    def targets():
-        for row in dataset:
-            ids = row["input_ids"]
-            if mask_column is not None and row[mask_column] is not None and any(row[mask_column]):
-                ids = [i for i, keep in zip(ids, row[mask_column]) if keep]
-            yield ids
-
-    vocabulary.fit(count_tokens(targets(), vocabulary.vocab_size))
+    vocabulary.fit(count_tokens(training_targets(dataset), vocabulary.vocab_size))
     return True

@@ -1,26 +1,30 @@
-"""Faster `nn.Linear` for the small row counts of speculative decoding on CPUs.
+"""Faster `nn.Linear` for the small row counts of decoding on CPUs.
 
-Why this module exists: a verify pass feeds 2-16 tokens per row, and the heads unembed K rows at
-once. CPU BLAS libraries pick their matmul kernel by the number of rows, and some row counts fall on
-slow kernels. Measured with fp32 and the 49,152 x 576 unembedding of SmolLM2-135M (torch 2.13, MKL):
-on the AMD EPYC of issue 4, `F.linear` at 2 rows took 24.7 ms where `torch.mm(W, x.T).T` took
-8.4 ms; on the Intel Sapphire Rapids this module was written on, `F.linear` was as fast as one row
-up to 3 rows, then doubled from 4 to 15 rows, while the same product padded to 16 rows (the size
-MKL blocks for) cost about the 16-row time. The fast kernel depends on the CPU, so it is *measured*:
-the first time a weight shape meets a row count, each candidate kernel runs a few interleaved times
-and the fastest is kept for the rest of the process.
+Why this module exists: a plain decoding step feeds 1 token per row, a verify pass 2-16, and the heads
+unembed a few rows at once. CPU BLAS libraries pick their matmul kernel by the shape, and small row
+counts often fall on slow paths. Measured here (AMD EPYC, 2 threads, fp32, torch 2.13 / MKL) over all
+the linear layers of SmolLM2-135M in a row, as one forward meets them (540 MB of weights, streamed from
+memory rather than cached): `F.linear` took 46 ms at 1 row, 89 at 2, 113 at 3 and 71 at 4, while
+`torch.mm(W, x.T).T` with the rows padded to an even count took 30, 26, 38 and 31 ms. On the Intel
+Sapphire Rapids where this module was first written, `F.linear` was as fast as one row up to 3 rows, then
+doubled from 4 to 15, while the product padded to 16 rows cost about the 16-row time.
+
+The fast kernel depends on the CPU, so it is *measured*, and measured the way a forward pass uses it:
+the first time a row count meets a group of weights (the model's linear layers), every candidate kernel
+runs over the whole group, a few interleaved times, and the fastest is kept for the rest of the process.
+Timing one small weight over and over would keep it in the CPU cache and favour kernels that are slow
+on weights read from memory.
 
 Every candidate computes the same product (`x @ W.T + b`); they differ only in float rounding order,
-so results agree to float tolerance, not bit for bit. Plain decoding at one row per step always uses
-`F.linear`. Benchmarks compare speculative and plain decoding both inside `fast_small_row_linear`,
-so any gain it gives plain batched decoding counts for the baseline too.
+so results agree to float tolerance, not bit for bit. Plain decoding speeds up too: benchmarks run plain
+and speculative decoding both inside `fast_small_row_linear`, so the gain counts for the baseline as well.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +33,7 @@ from torch import nn
 # Row counts above this use F.linear unmeasured: kernels are efficient there.
 MAX_FAST_ROWS = 16
 _PAD_ROWS = 16
+_SPLIT_ROWS = 3
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -39,6 +44,14 @@ def _transposed_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     # (out, in) @ (in, rows) is a tall-skinny product some BLAS builds run faster than (rows, in) @ (in, out).
     out = torch.mm(weight, x.t()).t().contiguous()
     return out if bias is None else out + bias
+
+
+def _even_transposed_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # The same with an even row count (>= 2): MKL's tall-skinny kernel is slow for 1 and 3 columns on some CPUs.
+    rows = x.shape[0]
+    if rows % 2:
+        x = torch.cat([x, x.new_zeros(1, x.shape[1])])
+    return _transposed_mm(x, weight, bias)[:rows]
 
 
 def _padded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -53,61 +66,75 @@ def _split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return torch.cat([F.linear(part, weight, bias) for part in x.split(_SPLIT_ROWS)])
 
 
-_SPLIT_ROWS = 3
-CANDIDATES = {"linear": _linear, "transposed_mm": _transposed_mm, "padded": _padded, "split": _split}
+CANDIDATES = {"linear": _linear, "transposed_mm": _transposed_mm, "even_transposed_mm": _even_transposed_mm,
+              "padded": _padded, "split": _split}
 
 
 class KernelChoice:
-    """Which candidate kernel is fastest per (weight shape, dtype, row count, threads), measured once.
+    """Which candidate kernel is fastest per (group of weights, row count, threads), measured once.
 
     Args:
-        repeats: least timed calls per candidate (interleaved); the minimum is kept, being the least
-            disturbed by other processes.
+        repeats: timed passes per candidate (interleaved); the minimum is kept, being the least disturbed by
+            other processes.
         margin: a candidate must beat `F.linear` by this fraction to replace it.
-        budget_s: cheap products are timed more often, up to about this many seconds per shape and row count.
     """
 
-    def __init__(self, repeats: int = 3, margin: float = 0.1, budget_s: float = 0.02):
+    def __init__(self, repeats: int = 3, margin: float = 0.1):
         self.repeats = repeats
-        self.budget_s = budget_s
         self.margin = margin
         self.table: dict[tuple, str] = {}
 
-    def kernel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        """The kernel to use for `x` (2-D) against `weight`."""
+    def kernel(self, x: torch.Tensor, group: LinearGroup):
+        """The kernel to use for `x` (2-D) against any weight of `group` (the modules switched together)."""
         rows = x.shape[0]
-        if rows <= 1 or rows > MAX_FAST_ROWS or x.device.type != "cpu":
+        if rows > MAX_FAST_ROWS or x.device.type != "cpu" or torch.is_grad_enabled():
             return _linear
-        key = (tuple(weight.shape), weight.dtype, rows, torch.get_num_threads())
+        key = (group.key, x.dtype, rows, torch.get_num_threads())
         name = self.table.get(key)
         if name is None:
-            name = self.table[key] = self._measure(x, weight, bias)
+            name = self.table[key] = self._measure(group, rows, x.dtype)
         return CANDIDATES[name]
 
-    def _measure(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
-        best: dict[str, float] = {}
-        start = time.perf_counter()
+    @torch.no_grad()
+    def _measure(self, group: LinearGroup, rows: int, dtype: torch.dtype) -> str:
+        inputs = {m.in_features: torch.randn(rows, m.in_features, dtype=dtype) for m in group.modules}
+
+        def run(fn) -> float:
+            start = time.perf_counter()
+            for module in group.modules:  # every weight once, as a forward pass reads them
+                fn(inputs[module.in_features], module.weight, module.bias)
+            return time.perf_counter() - start
+
         for fn in CANDIDATES.values():  # warm up every kernel once
-            fn(x, weight, bias)
-        per_round = time.perf_counter() - start
-        # Small products are cheap to time and noisy: time them more often (within `budget_s`).
-        repeats = max(self.repeats, min(25, int(self.budget_s / max(per_round, 1e-9))))
-        for _ in range(repeats):
+            run(fn)
+        best: dict[str, float] = {}
+        for _ in range(self.repeats):
             for name, fn in CANDIDATES.items():
-                start = time.perf_counter()
-                fn(x, weight, bias)
-                best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+                best[name] = min(best.get(name, float("inf")), run(fn))
         fastest = min(best, key=best.get)
         return fastest if best[fastest] < (1 - self.margin) * best["linear"] else "linear"
+
+
+class LinearGroup:
+    """The linear layers switched together (a model's), and what their timing depends on: their shapes.
+
+    Args:
+        modules: the `nn.Linear` modules.
+    """
+
+    def __init__(self, modules: Sequence[nn.Linear]):
+        self.modules = list(modules)
+        self.key = hash(tuple(sorted((tuple(m.weight.shape), str(m.weight.dtype)) for m in self.modules)))
 
 
 DEFAULT_CHOICE = KernelChoice()
 
 
-def fast_forward(module: nn.Linear, x: torch.Tensor, choice: KernelChoice = DEFAULT_CHOICE) -> torch.Tensor:
-    """`module(x)` through the kernel `choice` found fastest for x's row count."""
+def fast_forward(module: nn.Linear, x: torch.Tensor, group: LinearGroup,
+                 choice: KernelChoice = DEFAULT_CHOICE) -> torch.Tensor:
+    """`module(x)` through the kernel `choice` found fastest for x's row count over `group`."""
     flat = x.reshape(-1, x.shape[-1])
-    out = choice.kernel(flat, module.weight, module.bias)(flat, module.weight, module.bias)
+    out = choice.kernel(flat, group)(flat, module.weight, module.bias)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -115,7 +142,8 @@ def fast_forward(module: nn.Linear, x: torch.Tensor, choice: KernelChoice = DEFA
 def fast_small_row_linear(model: nn.Module, choice: KernelChoice = DEFAULT_CHOICE) -> Iterator[None]:
     """Run every `nn.Linear` inside `model` through the measured fastest kernel while the block runs.
 
-    Nested uses are harmless (modules already switched stay switched until the outer block ends).
+    Only without autograd (decoding): under `torch.is_grad_enabled()` the layers keep `F.linear`. Nested uses are
+    harmless (modules already switched stay switched until the outer block ends).
 
     Args:
         model: any module (the base model, a PeftModel...).
@@ -127,13 +155,11 @@ def fast_small_row_linear(model: nn.Module, choice: KernelChoice = DEFAULT_CHOIC
         ...     out = model.generate(**inputs)
         ```
     """
-    switched = []
-    for module in model.modules():
-        if type(module) is nn.Linear and "forward" not in module.__dict__:
-            module.forward = lambda x, module=module: fast_forward(module, x, choice)
-            switched.append(module)
+    group = LinearGroup(m for m in model.modules() if type(m) is nn.Linear and "forward" not in m.__dict__)
+    for module in group.modules:
+        module.forward = lambda x, module=module: fast_forward(module, x, group, choice)
     try:
         yield
     finally:
-        for module in switched:
+        for module in group.modules:
             del module.forward

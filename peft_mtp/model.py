@@ -289,6 +289,7 @@ class MTPModel(BaseTuner):
     def compute_mtp_loss(
         self, head_hidden: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
         trunk_hidden: torch.Tensor | None = None,
+        target_source: str | None = None,
     ) -> MTPLossOutput:
         """Weighted, chunked loss of the active heads against tokens t+1+k (see `peft_mtp.loss`).
 
@@ -297,6 +298,8 @@ class MTPModel(BaseTuner):
             labels: `(B, T)` unshifted labels (-100 = ignored).
             position_ids: position ids of packed sequences (no target crosses a document).
             trunk_hidden: `(B, T, H)` trunk output, the teacher of `head_target_source="argmax"` / `"soft"`.
+            target_source: overrides the config's `head_target_source` (e.g. `"labels"` for labels that already
+                hold the model's predictions).
 
         Returns:
             An `MTPLossOutput` (weighted loss, per-head losses and accuracies).
@@ -306,7 +309,8 @@ class MTPModel(BaseTuner):
         sample_rate = config.head_loss_sample_rate if self.training else 1.0
         vocabulary = self.active_heads().draft_vocab
         return mtp_loss(head_hidden, labels, self.head_unembedding, config.head_loss_weights(), position_ids,
-                        target_source=config.head_target_source, trunk_hidden=trunk_hidden, sample_rate=sample_rate,
+                        target_source=target_source or config.head_target_source, trunk_hidden=trunk_hidden,
+                        sample_rate=sample_rate,
                         target_slots=None if vocabulary is None else vocabulary.to_slots)
 
     def head_unembedding(self, k: int) -> Unembedding:

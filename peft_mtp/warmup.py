@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .heads import HeadContext
+from .loss import model_predictions
 
 
 @dataclass
@@ -34,9 +35,12 @@ class TrunkOutputBatch:
     Attributes:
         input_ids: `(B, T)` tokens.
         attention_mask: `(B, T)` padding mask (1 = real token).
-        labels: `(B, T)` unshifted labels, -100 where no head should learn (prompt, padding).
+        labels: `(B, T)` unshifted labels, -100 where no head should learn (prompt, padding). With
+            `head_target_source="argmax"` they already hold the model's own greedy predictions.
         hidden: `(B, T, H)` trunk output (the hidden state entering the final norm).
         layer_kwargs: what the trunk passed its last decoder layers (see `Trunk.capture`).
+        argmax_labels: whether `labels` were replaced by the model's predictions when caching (the frozen trunk
+            predicts the same every epoch, so they are computed once).
     """
 
     input_ids: torch.Tensor
@@ -44,6 +48,7 @@ class TrunkOutputBatch:
     labels: torch.Tensor
     hidden: torch.Tensor
     layer_kwargs: list[dict[str, Any]] = field(default_factory=list)
+    argmax_labels: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -78,13 +83,15 @@ def cache_trunk_outputs(model, batches: Iterable[dict[str, torch.Tensor]], progr
         progress: show a progress bar.
 
     Returns:
-        One `TrunkOutputBatch` per input batch, on the model's device.
+        One `TrunkOutputBatch` per input batch, on the model's device. With `head_target_source="argmax"` their
+        labels are the model's own greedy predictions, computed here once.
     """
     from tqdm.auto import tqdm
 
     tuner = _tuner(model)
     _check_frozen_trunk(tuner)
     trunk, heads = tuner.get_trunk(), tuner.active_heads()
+    argmax = tuner.active_config().head_target_source == "argmax"
     device = trunk.unembedding.weight.device
     batches = list(batches)
     cached = []
@@ -94,9 +101,16 @@ def cache_trunk_outputs(model, batches: Iterable[dict[str, torch.Tensor]], progr
             # logits_to_keep=1: the model's own logits are not needed, only the trunk output.
             tuner.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1,
                         use_cache=False)
-        cached.append(TrunkOutputBatch(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                       captured.hidden, captured.layer_kwargs))
+        labels = batch["labels"]
+        if argmax:
+            labels = model_predictions(labels, captured.hidden, tuner.head_unembedding(0))
+        cached.append(TrunkOutputBatch(batch["input_ids"], batch["attention_mask"], labels, captured.hidden,
+                                       captured.layer_kwargs, argmax_labels=argmax))
     return cached
+
+
+# Steps timed before `warmup_heads` fits its schedule to a time limit.
+TIMED_STEPS = 10
 
 
 @dataclass
@@ -141,7 +155,8 @@ def warmup_heads(
         weight_decay: AdamW weight decay.
         warmup_ratio: share of the steps spent warming the learning rate up.
         max_grad_norm: gradient clipping norm.
-        time_limit_s: stop early when the loop has run this long (the schedule is not stretched).
+        time_limit_s: stop when the loop has run this long. After the first steps the step count is cut to what
+            fits in the time left, so that the learning rate still decays to zero by the deadline.
         seed: seed of the batch order.
         progress: show a progress bar.
 
@@ -158,10 +173,11 @@ def warmup_heads(
     params = [p for p in heads.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95))
     total = max(1, int(round(epochs * len(batches))))
-    warmup = max(1, int(warmup_ratio * total))
+    planned = total  # the schedule's length: `total`, or fewer steps when the time limit allows fewer
 
     def schedule(step: int) -> float:
-        return min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+        ramp = max(1, int(warmup_ratio * planned))
+        return min(1.0, (step + 1) / ramp) * 0.5 * (1.0 + math.cos(math.pi * min(step, planned) / planned))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     rng = random.Random(seed)
@@ -180,7 +196,8 @@ def warmup_heads(
             context = HeadContext(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                   layer_kwargs=batch.layer_kwargs, embed=trunk.embed)
             head_hidden = heads(batch.hidden, context)  # (B, T, K, H)
-            result = tuner.compute_mtp_loss(head_hidden, batch.labels, trunk_hidden=batch.hidden)
+            result = tuner.compute_mtp_loss(head_hidden, batch.labels, trunk_hidden=batch.hidden,
+                                            target_source="labels" if batch.argmax_labels else None)
             loss = result.loss
             losses += result.head_loss_sums.float().cpu()
             scored += result.head_scored.float().cpu()
@@ -194,8 +211,18 @@ def warmup_heads(
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", head1_acc=f"{hits[0] / max(counts[0], 1):.2f}")
-            if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
-                total = step  # out of time: stop here
+            if time_limit_s is not None:
+                elapsed = time.perf_counter() - start
+                if elapsed > time_limit_s:
+                    total = step  # out of time: stop here
+                elif step == TIMED_STEPS and step < total:
+                    # Fit the schedule to the time limit (batches vary in length: this is an estimate).
+                    fits = step + int((time_limit_s - elapsed) / (elapsed / step))
+                    if fits < total:
+                        total = planned = max(fits, step + 1)
+                        bar.total = total
+                        bar.refresh()
+            if step >= total:
                 break
     bar.close()
     heads.train(was_training)

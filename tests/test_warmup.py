@@ -62,11 +62,47 @@ def test_warmup_trains_heads_only_and_lowers_the_loss(head_type):
     assert not model.base_model.active_heads().training  # the mode it was in before (eval)
 
 
+def test_argmax_targets_are_computed_once_when_caching_and_give_the_same_loss():
+    model = get_peft_model(make_model("llama"), MTPConfig(num_heads=2, head_type="sequential", head_init="random",
+                                                           head_target_source="argmax"))
+    batch = _batches(num_batches=1)[0]
+    (cached,) = cache_trunk_outputs(model, [batch], progress=False)
+    assert cached.argmax_labels and not torch.equal(cached.labels, batch["labels"])
+    tuner = model.base_model
+    context = HeadContext(input_ids=cached.input_ids, attention_mask=cached.attention_mask,
+                          layer_kwargs=cached.layer_kwargs, embed=tuner.get_trunk().embed)
+    with torch.no_grad():
+        head_hidden = tuner.active_heads()(cached.hidden, context)
+        per_step = tuner.compute_mtp_loss(head_hidden, batch["labels"], trunk_hidden=cached.hidden)  # argmax mode
+        precomputed = tuner.compute_mtp_loss(head_hidden, cached.labels, target_source="labels")
+    torch.testing.assert_close(precomputed.loss, per_step.loss)
+    assert torch.equal(precomputed.head_correct, per_step.head_correct)
+
+
 def test_time_limit_stops_early():
     model = get_peft_model(make_model("llama"), MTPConfig(num_heads=1, head_type="ffn"))
     cached = cache_trunk_outputs(model, _batches(), progress=False)
     result = warmup_heads(model, cached, epochs=1000, time_limit_s=0.0, progress=False)
     assert result.steps == 1
+
+
+def test_time_limit_fits_the_schedule_so_the_learning_rate_ends_near_zero(monkeypatch):
+    # A fake clock: every reading is one second later, so each step takes one second and 30 fit in the limit.
+    clock = iter(range(10**6))
+    monkeypatch.setattr("peft_mtp.warmup.time.perf_counter", lambda: float(next(clock)))
+    rates = []
+    original_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    model = get_peft_model(make_model("llama"), MTPConfig(num_heads=1, head_type="ffn"))
+    cached = cache_trunk_outputs(model, _batches(), progress=False)
+    result = warmup_heads(model, cached, epochs=1000, learning_rate=1e-2, time_limit_s=30.5, progress=False)
+    assert result.steps == 30
+    assert rates[-1] < 0.02 * max(rates)  # decayed to ~0 by the deadline, not cut off mid-schedule
 
 
 def test_trunk_lora_is_refused():
