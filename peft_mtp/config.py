@@ -95,6 +95,12 @@ class MTPConfig(PeftConfig):
             or `"soft"` (KL to the model's whole distribution at t+k). Targets exist where labels do, so
             completion-only masks still apply. The self-distillation modes cost one extra vocabulary
             projection per position (`"argmax"`) or per head and position (`"soft"`).
+        head_feature_loss_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of a feature-regression term (EAGLE, Li et al. 2024): head k at position t also learns to
+            output the trunk's hidden state at t+k, the state whose logits predict token t+1+k (smooth L1,
+            averaged over the hidden size and the head's targets). A dense target of `hidden_size` numbers per
+            position instead of one token, so heads learn from fewer tokens. Needs no extra vocabulary
+            projection. 0 turns it off.
         head_loss_sample_rate (`float`, *optional*, defaults to `1.0`):
             Fraction of each head's targets scored per training step, drawn at random for each head
             (evaluation always scores all of them). Below 1 the head loss is an unbiased estimate, cheaper in
@@ -180,6 +186,11 @@ class MTPConfig(PeftConfig):
                           "greedy predictions (`argmax`) or distributions (`soft`), which cost extra vocabulary "
                           "projections.", "choices": list(HEAD_TARGET_SOURCES)},
     )
+    head_feature_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the EAGLE-style term: head k at t regresses the trunk's hidden state at t+k "
+                          "(dense target; 0 = off)."},
+    )
     head_loss_sample_rate: float = field(
         default=1.0,
         metadata={"help": "Fraction of each head's targets scored per training step (random; eval scores all). "
@@ -263,6 +274,11 @@ class MTPConfig(PeftConfig):
         if self.head_target_source not in HEAD_TARGET_SOURCES:
             raise ValueError(
                 f"`head_target_source` must be one of {HEAD_TARGET_SOURCES}, got {self.head_target_source!r}."
+            )
+        if not (isinstance(self.head_feature_loss_weight, (int, float)) and math.isfinite(self.head_feature_loss_weight)
+                and self.head_feature_loss_weight >= 0):
+            raise ValueError(
+                f"`head_feature_loss_weight` must be a finite float >= 0, got {self.head_feature_loss_weight!r}."
             )
         if not (isinstance(self.head_loss_sample_rate, (int, float)) and 0.0 < self.head_loss_sample_rate <= 1.0):
             raise ValueError(f"`head_loss_sample_rate` must be in (0, 1], got {self.head_loss_sample_rate!r}.")

@@ -12,6 +12,8 @@ doubled from 4 to 15, while the product padded to 16 rows cost about the 16-row 
 The fast kernel depends on the CPU, so it is *measured*, and measured the way a forward pass uses it:
 the first time a row count meets a group of weights (the model's linear layers), every candidate kernel
 runs over the whole group, a few interleaved times, and the fastest is kept for the rest of the process.
+Row counts share the choice of their power-of-two bucket (1, 2, 3-4, 5-8, 9-16), so a process measures
+at most five times.
 Timing one small weight over and over would keep it in the CPU cache and favour kernels that are slow
 on weights read from memory.
 
@@ -70,8 +72,17 @@ CANDIDATES = {"linear": _linear, "transposed_mm": _transposed_mm, "even_transpos
               "padded": _padded, "split": _split}
 
 
+def row_bucket(rows: int) -> int:
+    """The row count measured for `rows`: 1, 2, 4, 8 or 16 (the smallest power of two >= rows).
+
+    A speculative decoder meets many row counts (drafts, verify passes, heads catching up after a depth change);
+    measuring each would cost about a second apiece, so row counts share the choice of their bucket.
+    """
+    return 1 << max(rows - 1, 0).bit_length()
+
+
 class KernelChoice:
-    """Which candidate kernel is fastest per (group of weights, row count, threads), measured once.
+    """Which candidate kernel is fastest per (group of weights, row-count bucket, threads), measured once.
 
     Args:
         repeats: timed passes per candidate (interleaved); the minimum is kept, being the least disturbed by
@@ -89,10 +100,11 @@ class KernelChoice:
         rows = x.shape[0]
         if rows > MAX_FAST_ROWS or x.device.type != "cpu" or torch.is_grad_enabled():
             return _linear
-        key = (group.key, x.dtype, rows, torch.get_num_threads())
+        bucket = row_bucket(rows)
+        key = (group.key, x.dtype, bucket, torch.get_num_threads())
         name = self.table.get(key)
         if name is None:
-            name = self.table[key] = self._measure(group, rows, x.dtype)
+            name = self.table[key] = self._measure(group, bucket, x.dtype)
         return CANDIDATES[name]
 
     @torch.no_grad()

@@ -316,6 +316,7 @@ def mtp_loss(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     sample_rate: float = 1.0,
     target_slots: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    feature_weight: float = 0.0,
 ) -> MTPLossOutput:
     """Weighted loss of K heads against tokens t+1+k, without materialising their logits.
 
@@ -333,14 +334,17 @@ def mtp_loss(
             over the drawn targets is an unbiased estimate of the mean over all of them.
         target_slots: for heads with a draft vocabulary (`unembedding_of(k)` then scores its N tokens only): maps
             token ids to their slots, -1 outside it. Targets outside give no loss and count as misses.
+        feature_weight: weight of the feature-regression term: head k's output at t against the trunk's hidden state
+            at t+k (smooth L1, mean over the hidden size and the head's valid targets); needs `trunk_hidden`.
 
     Returns:
         An `MTPLossOutput`. A head with no valid target contributes 0 (never NaN).
     """
     if target_source not in TARGET_SOURCES:
         raise ValueError(f"`target_source` must be one of {TARGET_SOURCES}, got {target_source!r}.")
-    if target_source != "labels" and trunk_hidden is None:
-        raise ValueError(f"`target_source={target_source!r}` needs the trunk's hidden states (`trunk_hidden`).")
+    if (target_source != "labels" or feature_weight > 0) and trunk_hidden is None:
+        raise ValueError(f"`target_source={target_source!r}` and `feature_weight={feature_weight}` need the trunk's "
+                         "hidden states (`trunk_hidden`).")
     if target_source == "argmax":
         labels = model_predictions(labels, trunk_hidden, unembedding_of(0), chunk_rows)
     seq_len, num_heads = head_hidden.shape[1], head_hidden.shape[2]
@@ -369,6 +373,12 @@ def mtp_loss(
             loss_sum, hit = fused_linear_cross_entropy(hidden_k, unembedding_of(k), targets=y, chunk_rows=chunk_rows)
             scored = count.new_tensor(y.shape[0])
         total = total + weights[k - 1] * (loss_sum / scored.clamp(min=1))
+        if feature_weight > 0 and bool(count):
+            # The state head k should reach at t is the trunk's own at t+k (its logits predict token t+1+k).
+            target = trunk_hidden[:, k:][valid[:, : seq_len - k]].detach()
+            predicted = head_hidden[:, :, k - 1][valid]
+            feature = torch.nn.functional.smooth_l1_loss(predicted.float(), target.float())
+            total = total + weights[k - 1] * feature_weight * feature
         sums.append(loss_sum.detach())
         hits.append(hit)
         counts.append(count)

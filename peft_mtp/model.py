@@ -310,7 +310,7 @@ class MTPModel(BaseTuner):
         vocabulary = self.active_heads().draft_vocab
         return mtp_loss(head_hidden, labels, self.head_unembedding, config.head_loss_weights(), position_ids,
                         target_source=target_source or config.head_target_source, trunk_hidden=trunk_hidden,
-                        sample_rate=sample_rate,
+                        sample_rate=sample_rate, feature_weight=config.head_feature_loss_weight,
                         target_slots=None if vocabulary is None else vocabulary.to_slots)
 
     def head_unembedding(self, k: int) -> Unembedding:

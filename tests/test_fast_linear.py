@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_mtp.fast_linear import CANDIDATES, KernelChoice, LinearGroup, fast_small_row_linear
+from peft_mtp.fast_linear import CANDIDATES, KernelChoice, LinearGroup, fast_small_row_linear, row_bucket
 
 
 @pytest.mark.parametrize("name", sorted(CANDIDATES))
@@ -38,7 +38,13 @@ def test_the_choice_is_measured_once_per_row_count_and_only_without_grad(monkeyp
             for _ in range(3):
                 torch.testing.assert_close(model(x), expected)
             model(x[:1])
-        assert measured == [3, 1]
+            model(torch.randn(4, 8))  # 3 and 4 rows share a bucket
+        assert measured == [4, 1]
         model(x).sum().backward()  # with autograd: stock F.linear, nothing measured
-        assert measured == [3, 1]
+        assert measured == [4, 1]
     assert "forward" not in model[0].__dict__  # the block restores the modules
+
+
+def test_row_buckets_are_powers_of_two():
+    assert [row_bucket(r) for r in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
+

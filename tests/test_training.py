@@ -146,6 +146,36 @@ def test_chunked_loss_matches_naive_reference(arch, head_type, target_source, sh
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("head_type", ["ffn", "sequential"])
+def test_feature_loss_regresses_head_k_onto_the_trunk_state_at_t_plus_k(head_type):
+    torch.manual_seed(0)
+    model = get_peft_model(make_model("llama"), MTPConfig(num_heads=2, head_type=head_type, head_init="random",
+                                                          head_feature_loss_weight=0.5))
+    plain = copy.deepcopy(model)
+    plain.peft_config["default"].head_feature_loss_weight = 0.0
+    input_ids = torch.randint(3, VOCAB_SIZE, (2, 10))
+    labels = input_ids.clone()
+    labels[0, :3] = IGNORE_INDEX
+    tuner = model.base_model
+    with torch.no_grad():
+        out = model(input_ids=input_ids, labels=labels)
+    # Reference: the head outputs of the same pass, against the trunk's hidden state k positions later.
+    from peft_mtp.heads import HeadContext
+
+    with torch.no_grad(), tuner.get_trunk().capture(num_layer_kwargs=tuner.active_heads().num_layer_kwargs) as trunk:
+        tuner.model(input_ids=input_ids)
+        context = HeadContext(input_ids=input_ids, layer_kwargs=trunk.layer_kwargs, embed=tuner.get_trunk().embed)
+        head_hidden = tuner.active_heads()(trunk.hidden, context)
+    expected = plain(input_ids=input_ids, labels=labels).mtp_loss
+    for k, weight in enumerate(tuner.active_config().head_loss_weights(), start=1):
+        valid = head_targets(labels, k) != IGNORE_INDEX
+        target = trunk.hidden[:, k:][valid[:, : 10 - k]]
+        expected = expected + weight * 0.5 * F.smooth_l1_loss(head_hidden[:, :, k - 1][valid], target)
+    # Two separate forwards of the heads (here and inside the model): equal up to float rounding.
+    torch.testing.assert_close(out.mtp_loss, expected, rtol=1e-4, atol=1e-6)
+    assert out.mtp_loss > plain(input_ids=input_ids, labels=labels).mtp_loss
+
+
 def test_fused_kernel_matches_cross_entropy_with_bias_scale_and_small_chunks():
     torch.manual_seed(0)
     hidden = torch.randn(37, 16, requires_grad=True)
