@@ -46,15 +46,16 @@ How it measures:
 
 Commands:
 
-    # The full run reported in docs/training.md (1-2 hours on 2 busy CPU cores):
+    # Every configuration (K = 1, 2, 4; ffn and sequential; frozen and LoRA; about an hour on 2 idle cores):
     python benchmarks/bench_training.py --warmup 1 --steps 1
 
     # A quick smoke run (small shapes, seconds):
     python benchmarks/bench_training.py --layers 2 --seq 64 --batch 2 --vocab 4096 --heads 1 4 --warmup 1 --steps 1
 
-    # The K = 4 bar only (what docs/training.md reports): exact full-vocabulary ffn heads for reference, then
-    # ffn and sequential heads with a draft vocabulary of 8,192 tokens, frozen and LoRA trunks (~20 min idle):
+    # The K = 4 bar only (what docs/training.md reports): full-vocabulary ffn heads for reference, then
+    # ffn and sequential heads with a draft vocabulary of 8,192 tokens, frozen and LoRA trunks (~12 min idle):
     python benchmarks/bench_training.py --warmup 1 --steps 1 --trunks lora --heads 4 --head-types ffn \
+        --baseline-every 3 \
         --extra lora+4xffn/v8192 lora+4xsequential/v8192 frozen+4xffn/v8192 frozen+4xsequential/v8192
 
     # K = 4 with half of each head's targets scored per step (MTPConfig.head_loss_sample_rate=0.5), nothing else:
