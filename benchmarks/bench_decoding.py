@@ -191,7 +191,8 @@ def main(args: argparse.Namespace) -> dict:
             for model in {id(m): m for m in [plain_model, *models.values()]}.values():
                 with fast(model):  # warm-up: kernel measurement, allocator, first-call costs
                     model.generate(**warm, **{**gen, "max_new_tokens": 8}, mtp_speculate=False)
-                    model.generate(**warm, **{**gen, "max_new_tokens": 8}, mtp_depth=args.num_heads)
+                    model.generate(**warm, **{**gen, "max_new_tokens": 8},
+                                   mtp_depth=model.base_model.active_heads().num_heads)  # every draft depth
             for index, group in enumerate(groups):
                 inputs = tokenizer(group, return_tensors="pt", padding=True)
                 with fast(plain_model):

@@ -19,6 +19,7 @@ stack) and restored exactly on load.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -163,9 +164,15 @@ def fit_on_dataset(tuner, dataset) -> bool:
     """
     heads = tuner.active_heads()
     vocabulary = None if heads is None else heads.draft_vocab
-    if vocabulary is None or bool(vocabulary.fitted) or dataset is None:
+    if vocabulary is None or bool(vocabulary.fitted):
         return False
-    if "input_ids" not in (getattr(dataset, "column_names", None) or []):
+    if dataset is None or "input_ids" not in (getattr(dataset, "column_names", None) or []):
+        warnings.warn(
+            "The MTP heads' draft vocabulary is not fitted and the trainer's training set has no `input_ids` column "
+            "to fit it on (a streaming or untokenized dataset?): heads would predict over the placeholder ids "
+            f"0..{vocabulary.size - 1}. Call `peft_mtp.fit_draft_vocabulary(model, token_id_lists)` before training.",
+            stacklevel=3,
+        )
         return False
     vocabulary.fit(count_tokens(training_targets(dataset), vocabulary.vocab_size))
     return True

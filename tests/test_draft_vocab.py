@@ -227,6 +227,15 @@ def test_the_sft_trainer_fits_the_vocabulary_on_its_training_set_and_trains(tmp_
     assert logged and all(0.0 <= entry["mtp/head1_acc"] <= 1.0 for entry in logged)
 
 
+def test_an_unfittable_training_set_warns_instead_of_training_on_placeholder_ids():
+    from peft_mtp.draft_vocab import fit_on_dataset
+
+    model = get_peft_model(make_model("llama"), MTPConfig(num_heads=1, draft_vocab_size=DRAFT_SIZE))
+    with pytest.warns(UserWarning, match="draft vocabulary is not fitted"):
+        assert not fit_on_dataset(model.base_model, None)
+    assert not bool(model.base_model.active_heads().draft_vocab.fitted)
+
+
 def test_a_fitted_vocabulary_is_not_refitted_by_a_new_trainer(tmp_path):
     model = get_peft_model(make_model("llama"), MTPConfig(num_heads=1, draft_vocab_size=DRAFT_SIZE))
     chosen = fit_draft_vocabulary(model, [[100, 101, 102]]).clone()
