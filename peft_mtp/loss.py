@@ -356,28 +356,28 @@ def mtp_loss(
         if sample_rate < 1.0:
             valid &= torch.rand(valid.shape, device=valid.device) < sample_rate
         count = valid.sum()
+        hidden_k = head_hidden[:, :, k - 1][valid]  # (N, H)
         if target_source == "soft":
             # Head k at t learns the model's distribution at t+k (valid t all have t+k < T), over the head's own
             # vocabulary (the teacher is projected with the same unembedding rows, so it is renormalised there).
             teacher = trunk_hidden[:, k:][valid[:, : max(seq_len - k, 0)]].detach()
-            loss_sum, hit = fused_linear_cross_entropy(head_hidden[:, :, k - 1][valid], unembedding_of(k),
-                                                       teacher=teacher, chunk_rows=chunk_rows)
+            loss_sum, hit = fused_linear_cross_entropy(hidden_k, unembedding_of(k), teacher=teacher,
+                                                       chunk_rows=chunk_rows)
             scored = count
         else:
-            y = targets[valid]
-            hidden_k = head_hidden[:, :, k - 1][valid]  # (N, H)
+            y, scored_hidden = targets[valid], hidden_k
             if target_slots is not None:
                 y = target_slots(y)
                 inside = y >= 0
-                hidden_k, y = hidden_k[inside], y[inside]
-            loss_sum, hit = fused_linear_cross_entropy(hidden_k, unembedding_of(k), targets=y, chunk_rows=chunk_rows)
+                scored_hidden, y = hidden_k[inside], y[inside]
+            loss_sum, hit = fused_linear_cross_entropy(scored_hidden, unembedding_of(k), targets=y,
+                                                       chunk_rows=chunk_rows)
             scored = count.new_tensor(y.shape[0])
         total = total + weights[k - 1] * (loss_sum / scored.clamp(min=1))
-        if feature_weight > 0 and bool(count):
+        if feature_weight > 0 and hidden_k.shape[0]:
             # The state head k should reach at t is the trunk's own at t+k (its logits predict token t+1+k).
             target = trunk_hidden[:, k:][valid[:, : seq_len - k]].detach()
-            predicted = head_hidden[:, :, k - 1][valid]
-            feature = torch.nn.functional.smooth_l1_loss(predicted.float(), target.float())
+            feature = torch.nn.functional.smooth_l1_loss(hidden_k.float(), target.float())
             total = total + weights[k - 1] * feature_weight * feature
         sums.append(loss_sum.detach())
         hits.append(hit)
