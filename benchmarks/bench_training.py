@@ -25,8 +25,8 @@ Bar (issue 3): K=4 heads cost <= 1.25x the step time and <= 1.15x the peak memor
 Model: `LlamaConfig(vocab 49,152, hidden 576, intermediate 1,536, 30 layers, 9 heads, 3 KV heads, tied
 embeddings)` with random weights (no download), float32 on CPU, bf16 on CUDA. Batch: `--batch` x `--seq`
 random tokens (8 x 512 by default), no padding, the same for every configuration. Tokens are drawn so that 96%
-of them fall in the 8,192 lowest ids, as 96% of SmolLM2's held-out answer tokens fall in the 8,192 most frequent
-tokens of its training answers: a fitted draft vocabulary then scores as many targets as it would on real text
+of them fall in the 8,192 lowest ids, as 96% of the tokens of SmolLM2's own answers fall in a draft vocabulary of
+8,192 tokens fitted on other answers (`benchmarks/draft_vocab_coverage.py`): a fitted draft vocabulary then scores as many targets as it would on real text
 (full-vocabulary heads cost the same whatever the tokens). SFTConfig: `bf16=False` on CPU (CPU bf16 is ~10x slower
 here), no gradient checkpointing unless `--gradient-checkpointing`, AdamW, `max_steps = warmup + steps`.
 

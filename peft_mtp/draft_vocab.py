@@ -3,7 +3,8 @@
 A head scored against the whole vocabulary pays two `V x H` projections per target in training and one
 per draft in decoding; on small models that is most of a head's cost (SmolLM2-135M: V = 49,152,
 H = 576). Text concentrates on few tokens: 320 of SmolLM2's own answers use 2,243 distinct tokens, and
-the 8,192 most frequent training tokens cover about 96% of the tokens of held-out answers. With
+8,192 tokens fitted on 80% of them cover 96% of the tokens of the other 20%
+(`benchmarks/draft_vocab_coverage.py`). With
 `MTPConfig.draft_vocab_size = N`, heads predict over N tokens only (EAGLE-3 and FR-Spec, Zhao et al.
 2025, use such reduced draft vocabularies for the same reason): their loss is the cross-entropy over
 those N tokens, a target outside them gives no loss and counts as a miss in the accuracy metrics, and a
