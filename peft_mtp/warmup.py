@@ -15,6 +15,7 @@ vocabulary projections are the largest cost left once the trunk is cached.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -142,6 +143,7 @@ def warmup_heads(
     time_limit_s: float | None = None,
     seed: int = 0,
     progress: bool = True,
+    autocast_dtype: torch.dtype | None = None,
 ) -> WarmupResult:
     """Train the active MTP heads on cached trunk outputs (AdamW, linear warm-up then cosine decay).
 
@@ -159,6 +161,10 @@ def warmup_heads(
             fits in the time left, so that the learning rate still decays to zero by the deadline.
         seed: seed of the batch order.
         progress: show a progress bar.
+        autocast_dtype: run the heads' forward and backward under `torch.autocast` in this dtype (e.g.
+            `torch.bfloat16`); parameters, gradients and the optimizer stay in their own dtype. On CPUs with
+            AVX512-BF16 or AMX a bf16 matmul runs about 2.5x faster than fp32. The optimizer step runs outside
+            autocast: inside it, training diverged (measured on SmolLM2).
 
     Returns:
         A `WarmupResult`. The heads are left in the train / eval mode they were in.
@@ -180,6 +186,9 @@ def warmup_heads(
         return min(1.0, (step + 1) / ramp) * 0.5 * (1.0 + math.cos(math.pi * min(step, planned) / planned))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    device_type = trunk.unembedding.weight.device.type
+    autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
     rng = random.Random(seed)
     was_training = heads.training
     losses, scored, hits, counts = (torch.zeros(num_heads) for _ in range(4))
@@ -195,15 +204,16 @@ def warmup_heads(
             batch = batches[index]
             context = HeadContext(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                   layer_kwargs=batch.layer_kwargs, embed=trunk.embed)
-            head_hidden = heads(batch.hidden, context)  # (B, T, K, H)
-            result = tuner.compute_mtp_loss(head_hidden, batch.labels, trunk_hidden=batch.hidden,
-                                            target_source="labels" if batch.argmax_labels else None)
-            loss = result.loss
+            with autocast:
+                head_hidden = heads(batch.hidden, context)  # (B, T, K, H)
+                result = tuner.compute_mtp_loss(head_hidden, batch.labels, trunk_hidden=batch.hidden,
+                                                target_source="labels" if batch.argmax_labels else None)
+                loss = result.loss
+                loss.backward()
             losses += result.head_loss_sums.float().cpu()
             scored += result.head_scored.float().cpu()
             hits += result.head_correct.float().cpu()
             counts += result.head_counts.float().cpu()
-            loss.backward()
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             scheduler.step()

@@ -90,3 +90,16 @@ def test_train_save_reload_speculative_equals_greedy(head_type, draft_vocab_size
                                  return_dict_in_generate=True)
             assert out.sequences.tolist() == plain.tolist(), f"speculative output differs (depth={depth})"
             assert out.mtp_stats.verify_steps > 0
+
+
+def test_prompt_splits_hold_out_evaluation_prompts_and_alternate_humaneval_with_stdlib():
+    splits = prompt_splits()
+    train_ids = splits["train"]["id"]
+    assert not set(train_ids) & (set(splits["eval_code"]["id"]) | set(splits["eval_chat"]["id"]))
+    assert len(train_ids) == len(set(train_ids))
+    is_humaneval = [name.startswith("HumanEval/") for name in train_ids]
+    num_train_humaneval = 164 - len(splits["eval_code"])
+    # Every HumanEval training problem sits at an even index of the first 2 x 140 prompts: a job that distils only a
+    # prefix of the prompts gets the code problems and the standard-library questions in equal numbers.
+    assert is_humaneval[: 2 * num_train_humaneval] == [True, False] * num_train_humaneval
+    assert not any(is_humaneval[2 * num_train_humaneval:])

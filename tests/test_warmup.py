@@ -62,6 +62,33 @@ def test_warmup_trains_heads_only_and_lowers_the_loss(head_type):
     assert not model.base_model.active_heads().training  # the mode it was in before (eval)
 
 
+@pytest.mark.parametrize("head_type", ["ffn", "sequential"])
+def test_bf16_autocast_warmup_learns_like_float32_and_steps_outside_autocast(head_type, monkeypatch):
+    # Inside autocast the optimizer step made real training diverge; the forward and backward alone may use bf16.
+    in_autocast = []
+    original_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        in_autocast.append(torch.is_autocast_enabled("cpu"))
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    results, forward_autocast = {}, []
+    for dtype in (None, torch.bfloat16):
+        torch.manual_seed(0)
+        model = get_peft_model(make_model("llama"), MTPConfig(num_heads=2, head_type=head_type))
+        cached = cache_trunk_outputs(model, _batches(), progress=False)
+        heads = model.base_model.active_heads()
+        heads.register_forward_hook(lambda module, args, output: forward_autocast.append(torch.is_autocast_enabled("cpu")))
+        results[dtype] = warmup_heads(model, cached, epochs=30, learning_rate=1e-2, progress=False, autocast_dtype=dtype)
+        assert all(p.dtype == torch.float32 for p in heads.parameters())
+    torch.testing.assert_close(torch.tensor(results[torch.bfloat16].head_losses),
+                               torch.tensor(results[None].head_losses), rtol=0.05, atol=0.0)
+    steps = results[None].steps
+    assert forward_autocast == [False] * steps + [True] * steps
+    assert in_autocast == [False] * (2 * steps)
+
+
 def test_argmax_targets_are_computed_once_when_caching_and_give_the_same_loss():
     model = get_peft_model(make_model("llama"), MTPConfig(num_heads=2, head_type="sequential", head_init="random",
                                                            head_target_source="argmax"))

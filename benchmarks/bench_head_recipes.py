@@ -1,0 +1,184 @@
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["peft_mtp[examples]"]
+# ///
+"""Head-training recipes for SmolLM2-135M compared side by side: same data, same time, same held-out prompts.
+
+The main job's warm-up stage is compute-bound on a CPU, so a recipe is judged by what it reaches in a fixed
+number of seconds. This script caches the frozen trunk's outputs once (the main job's distilled answers plus
+standard-library source windows, and the greedy answers to the held-out prompts), then trains each recipe from
+scratch on that cache for `--seconds` and prints the top-1 agreement of each head with the model's greedy output
+on the held-out code and chat prompts (teacher-forced, the main job's "agreement" column).
+
+    python3 benchmarks/bench_head_recipes.py                       # the default comparison (~25 min)
+    python3 benchmarks/bench_head_recipes.py --seconds 120 --recipes k2/v2048/lr1e-3/bf16 k2/v2048/lr1e-3
+
+A recipe is a `/`-separated list: `k<K>` heads, `v<N>` draft vocabulary (`v0` = the whole vocabulary), `lr<rate>`,
+`feat<weight>` (EAGLE feature regression), `bf16` (bf16 autocast for forward and backward), `nosource` (the
+distilled answers only, without the source windows). Unset parts take the first recipe's defaults: K=2, v2048,
+lr 1e-3, feat 0, float32. All heads are `sequential` (`--head_type` to change), trained with batches of 8 rows.
+
+It distils the answers itself when the main job has not (same settings, same cache), which takes ~5 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+
+import main_job  # noqa: E402
+from offline_data import prompt_splits  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+from smollm2 import load_model_and_tokenizer, model_path  # noqa: E402
+
+from peft_mtp import MTPConfig, fit_draft_vocabulary  # noqa: E402
+from peft_mtp.heads import HeadContext  # noqa: E402
+from peft_mtp.warmup import cache_trunk_outputs, warmup_heads  # noqa: E402
+
+DEFAULT_RECIPES = ["k3/v8192/lr3e-4/feat1", "k2/v2048/lr3e-4", "k2/v2048/lr1e-3",
+                   "k3/v2048/lr1e-3/bf16", "k2/v2048/lr1e-3/bf16", "k2/v2048/lr1e-3/bf16/nosource"]
+
+
+@dataclass
+class Recipe:
+    """One way to train the heads (see the module docstring for the spelling)."""
+
+    spec: str
+    num_heads: int = 2
+    draft_vocab_size: int = 2048
+    learning_rate: float = 1e-3
+    feature_loss_weight: float = 0.0
+    bf16: bool = False
+    source: bool = True
+
+    @classmethod
+    def parse(cls, spec: str) -> Recipe:
+        recipe = cls(spec)
+        for part in spec.split("/"):
+            if part == "bf16":
+                recipe.bf16 = True
+            elif part == "nosource":
+                recipe.source = False
+            elif part.startswith("lr"):
+                recipe.learning_rate = float(part[2:])
+            elif part.startswith("feat"):
+                recipe.feature_loss_weight = float(part[4:])
+            elif part[:1] == "k" and part[1:].isdigit():
+                recipe.num_heads = int(part[1:])
+            elif part[:1] == "v" and part[1:].isdigit():
+                recipe.draft_vocab_size = int(part[1:])
+            else:
+                raise SystemExit(f"Unknown recipe part {part!r} in {spec!r}: expected k<K>, v<N>, lr<rate>, "
+                                 "feat<weight>, bf16 or nosource.")
+        return recipe
+
+
+def tokenized_rows(job_args, peft_model, tokenizer, data):
+    """`(input_ids, labels)` of the distilled answers, tokenized exactly as the main job's SFTTrainer does."""
+    trainer = main_job.make_sft_trainer(job_args, peft_model, tokenizer, data, Path("/tmp/bench_head_recipes_sft"),
+                                        main_job.Clock(job_args.time_budget_min))
+    return list(zip(trainer.train_dataset["input_ids"], trainer.train_dataset["labels"]))
+
+
+def held_out_rows(model, tokenizer, prompts, max_new_tokens: int):
+    """Prompt + greedy answer of each held-out prompt, labels -100 on the prompt."""
+    rows = []
+    answers = main_job.greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size=24)
+    for messages, answer in zip(prompts["messages"], answers):
+        prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=False))
+        rows.append((prompt + answer, [-100] * len(prompt) + answer))
+    return rows
+
+
+@torch.no_grad()
+def agreement(peft_model, cached) -> list[float]:
+    """Teacher-forced top-1 agreement of each head with the labels (the greedy answers) of cached batches."""
+    tuner = peft_model.base_model
+    trunk, heads = tuner.get_trunk(), tuner.active_heads()
+    was_training = heads.training
+    heads.eval()
+    hits = counts = 0
+    for batch in cached:
+        context = HeadContext(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              layer_kwargs=batch.layer_kwargs, embed=trunk.embed)
+        result = tuner.compute_mtp_loss(heads(batch.hidden, context), batch.labels, target_source="labels")
+        hits, counts = hits + result.head_correct.float(), counts + result.head_counts.float()
+    heads.train(was_training)
+    return (hits / counts.clamp(min=1)).tolist()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES)
+    parser.add_argument("--seconds", type=float, default=200.0, help="Training time of each recipe.")
+    parser.add_argument("--head_type", default="sequential")
+    parser.add_argument("--num_text_tokens", type=int, default=65_536)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    recipes = [Recipe.parse(spec) for spec in args.recipes]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    job_args = main_job.JobArguments(mixed_precision="no").resolve()
+    model, tokenizer = load_model_and_tokenizer(str(model_path()), device="cpu")
+    model_key = main_job.settings_key(os.path.abspath(str(model_path())), str(model.dtype))
+    splits = prompt_splits(num_eval_code=job_args.num_eval_code, num_eval_chat=job_args.num_eval_chat)
+    train_prompts = splits["train"].select(range(job_args.num_train_prompts))
+    # The main job's distilled answers (bf16 generation, as its default on a CPU with native bf16).
+    job_args.mixed_precision = "bf16" if main_job.bf16_matmul_is_faster() else "no"
+    data, _ = main_job.distill(job_args, model, tokenizer, train_prompts, model_key, main_job.Clock(10_000))
+
+    # One cache for every recipe: the trunk is frozen, and argmax targets do not depend on the heads.
+    cache_model = get_peft_model(model, MTPConfig(num_heads=1, head_type=args.head_type, head_target_source="argmax"))
+    rows = tokenized_rows(job_args, cache_model, tokenizer, data)
+    windows = main_job.text_windows(tokenizer, args.num_text_tokens, 512, seed=0)
+    pad = tokenizer.pad_token_id
+    start = time.perf_counter()
+    answers = cache_trunk_outputs(cache_model, main_job.warmup_batches(rows, 8, pad))
+    source = cache_trunk_outputs(cache_model, main_job.warmup_batches([(w, w) for w in windows], 8, pad))
+    held_out = {kind: cache_trunk_outputs(cache_model, main_job.warmup_batches(
+        held_out_rows(cache_model, tokenizer, splits[f"eval_{kind}"], job_args.eval_max_new_tokens), 8, pad))
+        for kind in ("code", "chat")}
+    print(f"Cached {sum(b.num_tokens for b in answers):,} answer tokens (with prompts) and "
+          f"{sum(b.num_tokens for b in source):,} source tokens in {time.perf_counter() - start:.0f} s.")
+    del cache_model, model
+
+    lines = ["| recipe | steps | train acc. (last epoch) | held-out code, heads 1/2 | held-out chat, heads 1/2 |",
+             "|---|---|---|---|---|"]
+    for recipe in recipes:
+        torch.manual_seed(0)
+        config = MTPConfig(num_heads=recipe.num_heads, head_type=args.head_type, head_weight_schedule="uniform",
+                           draft_vocab_size=recipe.draft_vocab_size or None, head_target_source="argmax",
+                           head_feature_loss_weight=recipe.feature_loss_weight)
+        base, _ = load_model_and_tokenizer(str(model_path()), device="cpu")  # a fresh model for each recipe
+        peft_model = get_peft_model(base, config)
+        main_job.start_decoder_layers_as_identity(peft_model)
+        batches = answers + (source if recipe.source else [])
+        if recipe.draft_vocab_size:
+            fit_draft_vocabulary(peft_model, [row.tolist() for batch in batches for row in batch.labels])
+        result = warmup_heads(peft_model, batches, epochs=1000, learning_rate=recipe.learning_rate,
+                              time_limit_s=args.seconds, progress=False,
+                              autocast_dtype=torch.bfloat16 if recipe.bf16 else None)
+        code, chat = agreement(peft_model, held_out["code"]), agreement(peft_model, held_out["chat"])
+
+        def show(values):
+            return " / ".join(f"{v:.3f}" for v in values[:2])
+
+        lines.append(f"| {recipe.spec} | {result.steps} | {show(result.head_accuracies)} | {show(code)} | "
+                     f"{show(chat)} |")
+        print(lines[-1], flush=True)
+    print(f"\nEach recipe trained for {args.seconds:.0f} s on the same cache ({torch.get_num_threads()} threads).\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
