@@ -43,8 +43,8 @@ from peft_mtp import MTPConfig, fit_draft_vocabulary  # noqa: E402
 from peft_mtp.heads import HeadContext  # noqa: E402
 from peft_mtp.warmup import cache_trunk_outputs, warmup_heads  # noqa: E402
 
-DEFAULT_RECIPES = ["k3/v8192/lr3e-4/feat1", "k2/v2048/lr3e-4", "k2/v2048/lr1e-3",
-                   "k3/v2048/lr1e-3/bf16", "k2/v2048/lr1e-3/bf16", "k2/v2048/lr1e-3/bf16/nosource"]
+DEFAULT_RECIPES = ["k3/v8192/lr3e-4/feat1", "k2/v2048/lr1e-3", "k3/v2048/lr1e-3/bf16", "k2/v2048/lr1e-3/bf16",
+                   "k2/v2048/lr1e-3/bf16/nosource"]
 
 
 @dataclass
@@ -110,7 +110,8 @@ def agreement(peft_model, cached) -> list[float]:
     for batch in cached:
         context = HeadContext(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                               layer_kwargs=batch.layer_kwargs, embed=trunk.embed)
-        result = tuner.compute_mtp_loss(heads(batch.hidden, context), batch.labels, target_source="labels")
+        result = tuner.compute_mtp_loss(heads(batch.hidden, context), batch.labels, trunk_hidden=batch.hidden,
+                                        target_source="labels")
         hits, counts = hits + result.head_correct.float(), counts + result.head_counts.float()
     heads.train(was_training)
     return (hits / counts.clamp(min=1)).tolist()
@@ -119,7 +120,7 @@ def agreement(peft_model, cached) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES)
-    parser.add_argument("--seconds", type=float, default=200.0, help="Training time of each recipe.")
+    parser.add_argument("--seconds", type=float, default=180.0, help="Training time of each recipe.")
     parser.add_argument("--head_type", default="sequential")
     parser.add_argument("--num_text_tokens", type=int, default=65_536)
     parser.add_argument("--threads", type=int, default=None)

@@ -29,7 +29,9 @@ from peft_mtp.draft_vocab import DraftVocabulary, count_tokens  # noqa: E402
 
 
 def main() -> None:
-    files = sorted(glob.glob(str(cache_root() / "main_job" / "distill-*" / "chunk-*.jsonl")))
+    # The newest distillation folder (older ones hold other settings' answers, or the same chunks again).
+    folders = sorted(glob.glob(str(cache_root() / "main_job" / "distill-*")), key=os.path.getmtime)
+    files = sorted(glob.glob(os.path.join(folders[-1], "chunk-*.jsonl"))) if folders else []
     if not files:
         raise SystemExit("No distilled answers found: run `python3 examples/main_job.py` first.")
     tokenizer = AutoTokenizer.from_pretrained(str(model_path()))
