@@ -160,7 +160,7 @@ def main(args: argparse.Namespace) -> dict:
     from peft import PeftModel, get_peft_model
 
     from peft_mtp import MTPConfig
-    from peft_mtp.fast_linear import fast_small_row_linear
+    from peft_mtp.fast_linear import fast_small_row_linear, measure_kernels
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -189,7 +189,9 @@ def main(args: argparse.Namespace) -> dict:
             groups = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
             warm = tokenizer(groups[0], return_tensors="pt", padding=True)
             for model in {id(m): m for m in [plain_model, *models.values()]}.values():
-                with fast(model):  # warm-up: kernel measurement, allocator, first-call costs
+                if not args.no_fast_linear:
+                    measure_kernels(model)  # every row bucket, once per process: a timed run measures none
+                with fast(model):  # warm-up: allocator, first-call costs
                     model.generate(**warm, **{**gen, "max_new_tokens": 8}, mtp_speculate=False)
                     model.generate(**warm, **{**gen, "max_new_tokens": 8},
                                    mtp_depth=model.base_model.active_heads().num_heads)  # every draft depth

@@ -510,7 +510,7 @@ def time_generation(peft_model, tokenizer, prompts: datasets.Dataset, args: JobA
     """tokens/s of plain greedy vs speculative `generate`, batch 1, each prompt timed with both, order alternating."""
     from tqdm.auto import tqdm
 
-    from peft_mtp.fast_linear import fast_small_row_linear
+    from peft_mtp.fast_linear import fast_small_row_linear, measure_kernels
 
     runs: dict[str, dict[str, float]] = {"plain": {"tokens": 0, "seconds": 0.0}}
     stats: dict[str, list] = {}
@@ -528,7 +528,9 @@ def time_generation(peft_model, tokenizer, prompts: datasets.Dataset, args: JobA
         kwargs.update(mtp_depth=depth if depth == "auto" else int(depth), return_dict_in_generate=True)
         return peft_model.generate(**encoded, **kwargs)
 
-    # Warm-up: the kernel choice is measured the first time each row count appears; that cost is not decoding.
+    # Warm-up: the kernel choice is measured once per process and row bucket; that cost is not decoding. All buckets
+    # are measured now: `auto` meets new ones mid-generation (heads catching up after shallower steps).
+    measure_kernels(peft_model)
     warm = tokenizer.apply_chat_template(prompts["messages"][0], add_generation_prompt=True, return_tensors="pt",
                                          return_dict=True).to(peft_model.device)
     for mode in modes:

@@ -13,7 +13,7 @@ The fast kernel depends on the CPU, so it is *measured*, and measured the way a 
 the first time a row count meets a group of weights (the model's linear layers), every candidate kernel
 runs over the whole group, a few interleaved times, and the fastest is kept for the rest of the process.
 Row counts share the choice of their power-of-two bucket (1, 2, 3-4, 5-8, 9-16), so a process measures
-at most five times.
+at most five times; `measure_kernels` measures all five up front (benchmarks do, before timing).
 Timing one small weight over and over would keep it in the CPU cache and favour kernels that are slow
 on weights read from memory.
 
@@ -150,6 +150,41 @@ def fast_forward(module: nn.Linear, x: torch.Tensor, group: LinearGroup,
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
+def _switched_linears(model: nn.Module) -> LinearGroup:
+    """The `nn.Linear` layers of `model` that `fast_small_row_linear` switches (all of them, not yet switched)."""
+    return LinearGroup(m for m in model.modules() if type(m) is nn.Linear and "forward" not in m.__dict__)
+
+
+@torch.no_grad()
+def measure_kernels(model: nn.Module, dtype: torch.dtype | None = None, choice: KernelChoice = DEFAULT_CHOICE
+                    ) -> dict[int, str]:
+    """Measure the kernel of every row bucket (1, 2, 4, 8, 16) for `model`'s linear layers now.
+
+    Decoding measures a bucket the first time it meets it (about a second each on SmolLM2-135M). A speculative decoder
+    that changes depth meets new buckets mid-generation (heads catching up on the positions a shallower step left
+    them), and a timed generation then pays those measurements. Benchmarks call this first so that they time the
+    steady state a long-running process reaches; the choice is per process, so later `generate` calls reuse it.
+
+    Args:
+        model: the module whose layers `fast_small_row_linear(model)` would switch (e.g. a PeftModel).
+        dtype: input dtype to measure for (default: the dtype of the first linear layer's weight).
+        choice: the kernel table to fill (the process-wide one by default).
+
+    Returns:
+        The kernel name chosen for each bucket.
+    """
+    group = _switched_linears(model)
+    if not group.modules:
+        return {}
+    first = group.modules[0]
+    dtype = dtype or first.weight.dtype
+    chosen = {}
+    for rows in (1, 2, 4, 8, MAX_FAST_ROWS):
+        kernel = choice.kernel(torch.empty(rows, first.in_features, dtype=dtype, device=first.weight.device), group)
+        chosen[rows] = next(name for name, fn in CANDIDATES.items() if fn is kernel)
+    return chosen
+
+
 @contextlib.contextmanager
 def fast_small_row_linear(model: nn.Module, choice: KernelChoice = DEFAULT_CHOICE) -> Iterator[None]:
     """Run every `nn.Linear` inside `model` through the measured fastest kernel while the block runs.
@@ -167,7 +202,7 @@ def fast_small_row_linear(model: nn.Module, choice: KernelChoice = DEFAULT_CHOIC
         ...     out = model.generate(**inputs)
         ```
     """
-    group = LinearGroup(m for m in model.modules() if type(m) is nn.Linear and "forward" not in m.__dict__)
+    group = _switched_linears(model)
     for module in group.modules:
         module.forward = lambda x, module=module: fast_forward(module, x, group, choice)
     try:

@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_mtp.fast_linear import CANDIDATES, KernelChoice, LinearGroup, fast_small_row_linear, row_bucket
+from peft_mtp.fast_linear import (
+    CANDIDATES,
+    KernelChoice,
+    LinearGroup,
+    fast_small_row_linear,
+    measure_kernels,
+    row_bucket,
+)
 
 
 @pytest.mark.parametrize("name", sorted(CANDIDATES))
@@ -43,6 +50,25 @@ def test_the_choice_is_measured_once_per_row_count_and_only_without_grad(monkeyp
         model(x).sum().backward()  # with autograd: stock F.linear, nothing measured
         assert measured == [4, 1]
     assert "forward" not in model[0].__dict__  # the block restores the modules
+
+
+def test_measure_kernels_fills_every_bucket_so_decoding_measures_nothing(monkeypatch):
+    model = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 8))
+    choice = KernelChoice(repeats=1)
+    chosen = measure_kernels(model, choice=choice)
+    assert sorted(chosen) == [1, 2, 4, 8, 16] and set(chosen.values()) <= set(CANDIDATES)
+    assert len(choice.table) == 5
+
+    def no_measuring(self, group, rows, dtype):
+        raise AssertionError(f"measured {rows} rows again")
+
+    monkeypatch.setattr(KernelChoice, "_measure", no_measuring)
+    inputs = [torch.randn(rows, 8) for rows in range(1, 17)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]  # stock F.linear
+        with fast_small_row_linear(model, choice):
+            for x, reference in zip(inputs, expected):
+                torch.testing.assert_close(model(x), reference)
 
 
 def test_row_buckets_are_powers_of_two():
