@@ -14,7 +14,7 @@ on the held-out code and chat prompts (teacher-forced, the main job's "agreement
     python3 benchmarks/bench_head_recipes.py --seconds 120 --recipes k2/v2048/lr1e-3/bf16 k2/v2048/lr1e-3
 
 A recipe is a `/`-separated list: `k<K>` heads, `v<N>` draft vocabulary (`v0` = the whole vocabulary), `lr<rate>`,
-`feat<weight>` (EAGLE feature regression), `bf16` (bf16 autocast for forward and backward), `nosource` (the
+`feat<weight>` (EAGLE feature regression), `bf16` (bf16 autocast of the forward and loss), `nosource` (the
 distilled answers only, without the source windows). Unset parts take the first recipe's defaults: K=2, v2048,
 lr 1e-3, feat 0, float32. All heads are `sequential` (`--head_type` to change), trained with batches of 8 rows.
 

@@ -70,8 +70,8 @@ class JobArguments:
         device: `cuda` or `cpu` (default: cuda when available).
         threads: torch CPU threads (default: torch's own choice).
         mixed_precision: `bf16` generates the distilled answers with a bf16 copy of the model and trains the heads
-            under bf16 autocast; `no` keeps float32; `auto` (default) picks bf16 on CUDA, and on a CPU when a bf16
-            matmul measures faster than float32 there (AVX512-BF16 / AMX: ~2.5x). Evaluation always uses the model
+            under bf16 autocast (forward and loss); `no` keeps float32; `auto` (default) picks bf16 on CUDA, and on
+            a CPU when a bf16 matmul measures faster than float32 there (AVX512-BF16 / AMX: ~2.5x). Evaluation always uses the model
             in its own dtype.
 
     > Parameters that control the heads

@@ -181,11 +181,10 @@ def prompt_splits(num_eval_code: int = 24, num_train_chat: int | None = None, nu
     eval_chat = stdlib_prompts(EVAL_MODULES, seed=seed + 1, code_fraction=0.0).shuffle(seed=seed)
     eval_chat = eval_chat.select(range(min(num_eval_chat, len(eval_chat))))
     train_code = humaneval.select(range(split_at)).shuffle(seed=seed)
-    paired = min(len(train_code), len(train_stdlib))
-    order = [("code", i // 2) if i % 2 == 0 else ("chat", i // 2) for i in range(2 * paired)]
-    order += [("code", i) for i in range(paired, len(train_code))] + [("chat", i) for i in range(paired, len(train_stdlib))]
-    source = {"code": train_code, "chat": train_stdlib}
-    train = datasets.Dataset.from_list([source[name][index] for name, index in order])
+    rows = []
+    for index in range(max(len(train_code), len(train_stdlib))):
+        rows += [split[index] for split in (train_code, train_stdlib) if index < len(split)]
+    train = datasets.Dataset.from_list(rows)
     return datasets.DatasetDict(
         train=train,
         eval_code=humaneval.select(range(split_at, len(humaneval))),

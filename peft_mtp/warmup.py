@@ -161,8 +161,9 @@ def warmup_heads(
             fits in the time left, so that the learning rate still decays to zero by the deadline.
         seed: seed of the batch order.
         progress: show a progress bar.
-        autocast_dtype: run the heads' forward and backward under `torch.autocast` in this dtype (e.g.
-            `torch.bfloat16`); parameters, gradients and the optimizer stay in their own dtype. On CPUs with
+        autocast_dtype: run the heads' forward and loss under `torch.autocast` in this dtype (e.g.
+            `torch.bfloat16`; the backward pass follows the dtypes it chose); parameters, gradients and the optimizer
+            stay in their own dtype. On CPUs with
             AVX512-BF16 or AMX a bf16 matmul runs about 2.5x faster than fp32. The optimizer step runs outside
             autocast: inside it, training diverged (measured on SmolLM2).
 
@@ -204,12 +205,12 @@ def warmup_heads(
             batch = batches[index]
             context = HeadContext(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                   layer_kwargs=batch.layer_kwargs, embed=trunk.embed)
-            with autocast:
+            with autocast:  # the forward and the loss only: backward reuses the dtypes autocast chose (torch's advice)
                 head_hidden = heads(batch.hidden, context)  # (B, T, K, H)
                 result = tuner.compute_mtp_loss(head_hidden, batch.labels, trunk_hidden=batch.hidden,
                                                 target_source="labels" if batch.argmax_labels else None)
-                loss = result.loss
-                loss.backward()
+            loss = result.loss
+            loss.backward()
             losses += result.head_loss_sums.float().cpu()
             scored += result.head_scored.float().cpu()
             hits += result.head_correct.float().cpu()
