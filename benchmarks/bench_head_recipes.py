@@ -14,8 +14,10 @@ on the held-out code and chat prompts (teacher-forced, the main job's "agreement
     python3 benchmarks/bench_head_recipes.py --seconds 120 --recipes k2/v2048/lr1e-3/bf16 k2/v2048/lr1e-3
 
 A recipe is a `/`-separated list: `k<K>` heads, `v<N>` draft vocabulary (`v0` = the whole vocabulary), `lr<rate>`,
-`feat<weight>` (EAGLE feature regression), `bf16` (bf16 autocast of the forward and loss), `nosource` (the
-distilled answers only, without the source windows). Unset parts take the first recipe's defaults: K=2, v2048,
+`feat<weight>` (EAGLE feature regression), `bf16` (bf16 autocast of the forward and loss), `soft` (KL to the
+model's distribution over the draft vocabulary instead of its argmax), `b<rows>` (train on batches of that many
+rows, split from the cached batches of 8), `nosource` (the distilled answers only,
+without the source windows). Unset parts take the first recipe's defaults: K=2, v2048,
 lr 1e-3, feat 0, float32. All heads are `sequential` (`--head_type` to change), trained with batches of 8 rows.
 
 It distils the answers itself when the main job has not (same settings, same cache), which takes ~5 minutes.
@@ -27,7 +29,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -57,6 +59,8 @@ class Recipe:
     learning_rate: float = 1e-3
     feature_loss_weight: float = 0.0
     bf16: bool = False
+    soft: bool = False
+    batch_rows: int = 8
     source: bool = True
 
     @classmethod
@@ -65,20 +69,44 @@ class Recipe:
         for part in spec.split("/"):
             if part == "bf16":
                 recipe.bf16 = True
+            elif part == "soft":
+                recipe.soft = True
             elif part == "nosource":
                 recipe.source = False
             elif part.startswith("lr"):
                 recipe.learning_rate = float(part[2:])
             elif part.startswith("feat"):
                 recipe.feature_loss_weight = float(part[4:])
+            elif part[:1] == "b" and part[1:].isdigit():
+                recipe.batch_rows = int(part[1:])
             elif part[:1] == "k" and part[1:].isdigit():
                 recipe.num_heads = int(part[1:])
             elif part[:1] == "v" and part[1:].isdigit():
                 recipe.draft_vocab_size = int(part[1:])
             else:
                 raise SystemExit(f"Unknown recipe part {part!r} in {spec!r}: expected k<K>, v<N>, lr<rate>, "
-                                 "feat<weight>, bf16 or nosource.")
+                                 "feat<weight>, bf16, soft, b<rows> or nosource.")
         return recipe
+
+
+def split_rows(batches, rows: int):
+    """Cached batches cut into batches of `rows` rows (tensors whose first dimension is the batch are sliced)."""
+    if rows >= 8:
+        return batches
+
+    def cut(value, start, size):
+        if isinstance(value, torch.Tensor):  # masks, rotary tables: (B, ...) per row, (1, ...) shared
+            return value[start:start + rows] if value.dim() >= 2 and value.shape[0] == size else value
+        if isinstance(value, (tuple, list)):
+            return type(value)(cut(v, start, size) for v in value)
+        if isinstance(value, dict):
+            return {key: cut(v, start, size) for key, v in value.items()}
+        return value
+
+    return [replace(batch, input_ids=batch.input_ids[start:start + rows],
+                    attention_mask=batch.attention_mask[start:start + rows], labels=batch.labels[start:start + rows],
+                    hidden=batch.hidden[start:start + rows], layer_kwargs=cut(batch.layer_kwargs, start, batch.input_ids.shape[0]))
+            for batch in batches for start in range(0, batch.input_ids.shape[0], rows)]
 
 
 def tokenized_rows(job_args, peft_model, tokenizer, data):
@@ -124,6 +152,9 @@ def main() -> None:
     parser.add_argument("--head_type", default="sequential")
     parser.add_argument("--num_text_tokens", type=int, default=65_536)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cache_dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="Trunk dtype when caching the training data (auto: the main job's choice); held-out "
+                             "prompts are always cached in float32, as they are evaluated.")
     args = parser.parse_args()
     recipes = [Recipe.parse(spec) for spec in args.recipes]
     if args.threads:
@@ -136,6 +167,8 @@ def main() -> None:
     train_prompts = splits["train"].select(range(job_args.num_train_prompts))
     # The main job's distilled answers (bf16 generation, as its default on a CPU with native bf16).
     job_args.mixed_precision = "bf16" if main_job.bf16_matmul_is_faster() else "no"
+    cache_bf16 = args.cache_dtype == "bf16" or (args.cache_dtype == "auto" and job_args.mixed_precision == "bf16")
+    cache_dtype = torch.bfloat16 if cache_bf16 else None
     data, _ = main_job.distill(job_args, model, tokenizer, train_prompts, model_key, main_job.Clock(10_000))
 
     # One cache for every recipe: the trunk is frozen, and argmax targets do not depend on the heads.
@@ -144,13 +177,16 @@ def main() -> None:
     windows = main_job.text_windows(tokenizer, args.num_text_tokens, 512, seed=0)
     pad = tokenizer.pad_token_id
     start = time.perf_counter()
-    answers = cache_trunk_outputs(cache_model, main_job.warmup_batches(rows, 8, pad))
-    source = cache_trunk_outputs(cache_model, main_job.warmup_batches([(w, w) for w in windows], 8, pad))
+    answers = cache_trunk_outputs(cache_model, main_job.warmup_batches(rows, 8, pad), autocast_dtype=cache_dtype)
+    source = cache_trunk_outputs(cache_model, main_job.warmup_batches([(w, w) for w in windows], 8, pad),
+                                 autocast_dtype=cache_dtype)
+    cache_seconds = time.perf_counter() - start
     held_out = {kind: cache_trunk_outputs(cache_model, main_job.warmup_batches(
         held_out_rows(cache_model, tokenizer, splits[f"eval_{kind}"], job_args.eval_max_new_tokens), 8, pad))
         for kind in ("code", "chat")}
     print(f"Cached {sum(b.num_tokens for b in answers):,} answer tokens (with prompts) and "
-          f"{sum(b.num_tokens for b in source):,} source tokens in {time.perf_counter() - start:.0f} s.")
+          f"{sum(b.num_tokens for b in source):,} source tokens in {cache_seconds:.0f} s "
+          f"({'bf16' if cache_bf16 else 'float32'} trunk), and the held-out answers.")
     del cache_model, model
 
     lines = ["| recipe | steps | train acc. (last epoch) | held-out code, heads 1/2 | held-out chat, heads 1/2 |",
@@ -158,12 +194,13 @@ def main() -> None:
     for recipe in recipes:
         torch.manual_seed(0)
         config = MTPConfig(num_heads=recipe.num_heads, head_type=args.head_type, head_weight_schedule="uniform",
-                           draft_vocab_size=recipe.draft_vocab_size or None, head_target_source="argmax",
+                           draft_vocab_size=recipe.draft_vocab_size or None,
+                           head_target_source="soft" if recipe.soft else "argmax",
                            head_feature_loss_weight=recipe.feature_loss_weight)
         base, _ = load_model_and_tokenizer(str(model_path()), device="cpu")  # a fresh model for each recipe
         peft_model = get_peft_model(base, config)
         main_job.start_decoder_layers_as_identity(peft_model)
-        batches = answers + (source if recipe.source else [])
+        batches = split_rows(answers + (source if recipe.source else []), recipe.batch_rows)
         if recipe.draft_vocab_size:
             fit_draft_vocabulary(peft_model, [row.tolist() for batch in batches for row in batch.labels])
         result = warmup_heads(peft_model, batches, epochs=1000, learning_rate=recipe.learning_rate,

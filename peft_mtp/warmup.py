@@ -75,13 +75,18 @@ def _check_frozen_trunk(tuner) -> None:
 
 
 @torch.no_grad()
-def cache_trunk_outputs(model, batches: Iterable[dict[str, torch.Tensor]], progress: bool = True) -> list[TrunkOutputBatch]:
+def cache_trunk_outputs(model, batches: Iterable[dict[str, torch.Tensor]], progress: bool = True,
+                        autocast_dtype: torch.dtype | None = None) -> list[TrunkOutputBatch]:
     """Run the frozen trunk once over training batches and keep its output.
 
     Args:
         model: a `PeftModel` with MTP heads and no trunk LoRA.
         batches: dicts with `input_ids`, `attention_mask` and `labels` (`(B, T)` each, right-padded).
         progress: show a progress bar.
+        autocast_dtype: run the trunk's forward under `torch.autocast` in this dtype (e.g. `torch.bfloat16`: 2.1x
+            faster on a CPU with AVX512-BF16, measured on SmolLM2-135M). The argmax targets are still taken in the
+            model's own dtype from the hidden states it produced; on SmolLM2 they differ from a float32 trunk's at
+            0.6-0.8% of positions (near-ties), against 1-1.9% with the argmax in bf16 too.
 
     Returns:
         One `TrunkOutputBatch` per input batch, on the model's device. With `head_target_source="argmax"` their
@@ -94,18 +99,21 @@ def cache_trunk_outputs(model, batches: Iterable[dict[str, torch.Tensor]], progr
     trunk, heads = tuner.get_trunk(), tuner.active_heads()
     argmax = tuner.active_config().head_target_source == "argmax"
     device = trunk.unembedding.weight.device
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
     batches = list(batches)
     cached = []
     for batch in tqdm(batches, desc="Caching trunk outputs", unit="batch", disable=not progress):
         batch = {key: value.to(device) for key, value in batch.items()}
-        with trunk.capture(num_layer_kwargs=heads.num_layer_kwargs) as captured:
+        with trunk.capture(num_layer_kwargs=heads.num_layer_kwargs) as captured, autocast:
             # logits_to_keep=1: the model's own logits are not needed, only the trunk output.
             tuner.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1,
                         use_cache=False)
+        hidden = captured.hidden.to(trunk.unembedding.weight.dtype)  # a trunk under autocast may hand back bf16
         labels = batch["labels"]
         if argmax:
-            labels = model_predictions(labels, captured.hidden, tuner.head_unembedding(0))
-        cached.append(TrunkOutputBatch(batch["input_ids"], batch["attention_mask"], labels, captured.hidden,
+            labels = model_predictions(labels, hidden, tuner.head_unembedding(0))
+        cached.append(TrunkOutputBatch(batch["input_ids"], batch["attention_mask"], labels, hidden,
                                        captured.layer_kwargs, argmax_labels=argmax))
     return cached
 
@@ -177,6 +185,9 @@ def warmup_heads(
     trunk, heads = tuner.get_trunk(), tuner.active_heads()
     num_heads = heads.num_heads
 
+    # Soft targets come from the cached trunk output itself; a cache taken for argmax targets serves them too (its
+    # labels then only mark which positions train).
+    soft = tuner.active_config().head_target_source == "soft"
     params = [p for p in heads.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95))
     total = max(1, int(round(epochs * len(batches))))
@@ -208,7 +219,7 @@ def warmup_heads(
             with autocast:  # the forward and the loss only: backward reuses the dtypes autocast chose (torch's advice)
                 head_hidden = heads(batch.hidden, context)  # (B, T, K, H)
                 result = tuner.compute_mtp_loss(head_hidden, batch.labels, trunk_hidden=batch.hidden,
-                                                target_source="labels" if batch.argmax_labels else None)
+                                                target_source="soft" if soft else "labels" if batch.argmax_labels else None)
             loss = result.loss
             loss.backward()
             losses += result.head_loss_sums.float().cpu()

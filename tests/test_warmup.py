@@ -106,6 +106,44 @@ def test_argmax_targets_are_computed_once_when_caching_and_give_the_same_loss():
     assert torch.equal(precomputed.head_correct, per_step.head_correct)
 
 
+def test_bf16_autocast_cache_runs_the_trunk_in_bf16_and_keeps_float32_outputs(monkeypatch):
+    model = get_peft_model(make_model("llama"), MTPConfig(num_heads=2, head_type="sequential",
+                                                           head_target_source="argmax"))
+    batch = _batches(num_batches=1)[0]
+    trunk_autocast = []
+    first_layer = model.base_model.get_trunk().layers[0]
+    first_layer.register_forward_hook(lambda module, args, output: trunk_autocast.append(torch.is_autocast_enabled("cpu")))
+    (exact,) = cache_trunk_outputs(model, [batch], progress=False)
+    (fast,) = cache_trunk_outputs(model, [batch], progress=False, autocast_dtype=torch.bfloat16)
+    assert trunk_autocast == [False, True]
+    assert fast.hidden.dtype == torch.float32 and not torch.equal(fast.hidden, exact.hidden)  # bf16 matmuls ran
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(fast.hidden[real], exact.hidden[real], atol=0.1, rtol=0.05)
+    trained = batch["labels"] != -100
+    assert (fast.labels[trained] == exact.labels[trained]).float().mean() > 0.9  # near-ties may flip
+    assert torch.equal(fast.labels[~trained], exact.labels[~trained])
+
+
+def test_soft_targets_train_on_a_cache_taken_for_argmax_targets(monkeypatch):
+    # One cache serves both target sources: in soft mode the cached labels only mark the trained positions.
+    seen = []
+    model = get_peft_model(make_model("llama"), MTPConfig(num_heads=2, head_type="sequential",
+                                                           head_target_source="argmax"))
+    cached = cache_trunk_outputs(model, _batches(), progress=False)
+    model.base_model.active_config().head_target_source = "soft"
+    original = model.base_model.compute_mtp_loss
+
+    def recording(*args, target_source=None, **kwargs):
+        seen.append(target_source)
+        return original(*args, target_source=target_source, **kwargs)
+
+    monkeypatch.setattr(model.base_model, "compute_mtp_loss", recording)
+    first = warmup_heads(model, cached, epochs=1, learning_rate=1e-9, progress=False)
+    result = warmup_heads(model, cached, epochs=30, learning_rate=1e-2, progress=False)
+    assert set(seen) == {"soft"}
+    assert all(after < before for after, before in zip(result.head_losses, first.head_losses))
+
+
 def test_time_limit_stops_early():
     model = get_peft_model(make_model("llama"), MTPConfig(num_heads=1, head_type="ffn"))
     cached = cache_trunk_outputs(model, _batches(), progress=False)
