@@ -118,10 +118,6 @@ def cache_trunk_outputs(model, batches: Iterable[dict[str, torch.Tensor]], progr
     return cached
 
 
-# Steps timed before `warmup_heads` fits its schedule to a time limit.
-TIMED_STEPS = 10
-
-
 @dataclass
 class WarmupResult:
     """What `warmup_heads` did.
@@ -129,9 +125,10 @@ class WarmupResult:
     Attributes:
         steps: optimizer steps taken.
         seconds: wall time of the training loop.
-        head_losses: mean loss of each head over the last epoch.
-        head_accuracies: top-1 accuracy of each head over the last epoch (a target outside a draft vocabulary is
-            a miss).
+        head_losses: mean loss of each head over the last epoch (the last full one when a time limit ended the
+            final pass before half the batches).
+        head_accuracies: top-1 accuracy of each head over the same batches (a target outside a draft vocabulary
+            is a miss).
     """
 
     steps: int
@@ -165,8 +162,9 @@ def warmup_heads(
         weight_decay: AdamW weight decay.
         warmup_ratio: share of the steps spent warming the learning rate up.
         max_grad_norm: gradient clipping norm.
-        time_limit_s: stop when the loop has run this long. After the first steps the step count is cut to what
-            fits in the time left, so that the learning rate still decays to zero by the deadline.
+        time_limit_s: stop when the loop has run this long. The schedule then runs on whichever of steps and time
+            is further along (`max(step / steps, elapsed / time_limit_s)`), so the learning rate decays to zero by
+            the deadline however the step times vary (batches of different lengths).
         seed: seed of the batch order.
         progress: show a progress bar.
         autocast_dtype: run the heads' forward and loss under `torch.autocast` in this dtype (e.g.
@@ -191,13 +189,19 @@ def warmup_heads(
     params = [p for p in heads.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95))
     total = max(1, int(round(epochs * len(batches))))
-    planned = total  # the schedule's length: `total`, or fewer steps when the time limit allows fewer
 
-    def schedule(step: int) -> float:
-        ramp = max(1, int(warmup_ratio * planned))
-        return min(1.0, (step + 1) / ramp) * 0.5 * (1.0 + math.cos(math.pi * min(step, planned) / planned))
+    def learning_rate_at(step: int, elapsed: float) -> float:
+        """Linear warm-up over the first `warmup_ratio` of the run, then cosine decay to zero at its end.
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        Progress is counted in steps, or in time when a time limit is set and the clock is further along.
+        """
+        done, ramp_done = step / total, (step + 1) / total
+        if time_limit_s is not None:
+            by_time = elapsed / time_limit_s if time_limit_s > 0 else 1.0
+            done, ramp_done = max(done, by_time), max(ramp_done, by_time)
+        ramp = min(1.0, ramp_done / warmup_ratio) if warmup_ratio > 0 else 1.0
+        return learning_rate * ramp * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
+
     device_type = trunk.unembedding.weight.device.type
     autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
@@ -205,15 +209,19 @@ def warmup_heads(
     was_training = heads.training
     losses, scored, hits, counts = (torch.zeros(num_heads) for _ in range(4))
     heads.train()
-    start, step = time.perf_counter(), 0
+    start, step, elapsed = time.perf_counter(), 0, 0.0
     bar = tqdm(total=total, desc="Warming up heads on cached trunk outputs", unit="step", disable=not progress)
     while step < total:
         order = list(range(len(batches)))
         rng.shuffle(order)
-        if step + len(order) >= total:  # last (partial) epoch: reset the running metrics to report it alone
-            losses.zero_(), scored.zero_(), hits.zero_(), counts.zero_()
+        # Metrics per epoch: each pass starts from zero, and the previous full pass is kept to report.
+        previous = (losses.clone(), scored.clone(), hits.clone(), counts.clone()) if step else None
+        losses.zero_(), scored.zero_(), hits.zero_(), counts.zero_()
+        epoch_start = step
         for index in order[: total - step]:
             batch = batches[index]
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate_at(step, elapsed)
             context = HeadContext(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                   layer_kwargs=batch.layer_kwargs, embed=trunk.embed)
             with autocast:  # the forward and the loss only: backward reuses the dtypes autocast chose (torch's advice)
@@ -228,25 +236,19 @@ def warmup_heads(
             counts += result.head_counts.float().cpu()
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", head1_acc=f"{hits[0] / max(counts[0], 1):.2f}")
             if time_limit_s is not None:
                 elapsed = time.perf_counter() - start
-                if elapsed > time_limit_s:
-                    total = step  # out of time: stop here
-                elif step == TIMED_STEPS and step < total:
-                    # Fit the schedule to the time limit (batches vary in length: this is an estimate).
-                    fits = step + int((time_limit_s - elapsed) / (elapsed / step))
-                    if fits < total:
-                        total = planned = max(fits, step + 1)
-                        bar.total = total
-                        bar.refresh()
+                if elapsed + elapsed / step > time_limit_s:
+                    total = bar.total = step  # another step of the average length would end past the deadline
             if step >= total:
                 break
     bar.close()
     heads.train(was_training)
+    if previous is not None and 2 * (step - epoch_start) < len(batches):
+        losses, scored, hits, counts = previous  # the last pass was cut short by the time limit
     return WarmupResult(step, time.perf_counter() - start, (losses / scored.clamp(min=1)).tolist(),
                         (hits / counts.clamp(min=1)).tolist())

@@ -84,6 +84,19 @@ def fitted_model(head_type="ffn", arch="llama", **config):
     return model
 
 
+def test_a_tree_wider_than_the_draft_vocabulary_is_refused_with_the_fix():
+    model = heads_model("ffn", num_heads=2, draft_vocab_size=4, noise=0.0)
+    ids = torch.tensor([[5, 9, 33, 71]])
+    with pytest.raises(ValueError, match=r"head 2 for its top 6 candidates, but the heads' draft vocabulary .* has 4 "
+                                         r"tokens; use paths whose entries at depth 2 are below 4"):
+        model.generate(ids, max_new_tokens=4, do_sample=False, mtp_depth=2, mtp_tree=[(0,), (0, 5)],
+                       pad_token_id=PAD)
+    within = model.generate(ids, max_new_tokens=4, do_sample=False, mtp_depth=2, mtp_tree=[(0,), (0, 3)],
+                            pad_token_id=PAD)
+    plain = model.generate(ids, max_new_tokens=4, do_sample=False, mtp_speculate=False, pad_token_id=PAD)
+    assert torch.equal(within, plain)
+
+
 @pytest.mark.parametrize("head_type", ["ffn", "sequential"])
 def test_head_logits_are_the_full_logits_on_the_draft_tokens_and_minus_inf_elsewhere(head_type):
     model = fitted_model(head_type)

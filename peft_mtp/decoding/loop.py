@@ -169,6 +169,7 @@ class SpeculativeDecoder:
                 "draft). Use `mtp_tree=None` with these heads."
             )
         self.shapes = DraftShapes(options.tree_paths(max_depth), num_heads)
+        _check_tree_width(self.shapes.tree(self.shapes.max_depth), self.heads, self.trunk.vocab_size)
         fixed = None if options.depth == "auto" else min(options.depth, self.shapes.max_depth)
         sizes = [self.shapes.tree(depth).num_nodes for depth in range(self.shapes.max_depth + 1)]
         self.controller = DepthController(self.shapes.max_depth, fixed, sizes=sizes)
@@ -504,6 +505,18 @@ class SpeculativeDecoder:
 
 def _select(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return tensor if rows is ALL_ROWS else select_rows(tensor, rows)
+
+
+def _check_tree_width(tree: DraftTree, heads, vocab_size: int) -> None:
+    """Refuse a tree that asks a head for more candidates than it has tokens to rank."""
+    width = heads.draft_vocab.size if heads.draft_vocab is not None else vocab_size
+    for k, topk in enumerate(tree.topk, start=1):
+        if topk > width:
+            where = "draft vocabulary (`draft_vocab_size`)" if heads.draft_vocab is not None else "vocabulary"
+            raise ValueError(
+                f"`mtp_tree` asks head {k} for its top {topk} candidates, but the heads' {where} has {width} tokens; "
+                f"use paths whose entries at depth {k} are below {width}."
+            )
 
 
 def _check_tree_attention(model) -> None:

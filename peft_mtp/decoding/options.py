@@ -119,8 +119,10 @@ class DepthController:
     step at each depth used (an exponential average). Depths not measured yet are extrapolated from
     the ones that were, assuming a step grows linearly with the tokens it verifies per row (a tree
     cut at depth d verifies `sizes[d]` of them). It picks argmax_d E[tokens | d] / time(d), with
-    E[tokens | d] = 1 + sum_{k<=d} prod_{j<=k} r_j, and tries one depth deeper every `probe_every`
-    steps so that deeper heads keep being measured.
+    E[tokens | d] = 1 + sum_{k<=d} prod_{j<=k} r_j. Every `probe_every` steps it tries a neighbour of
+    the best depth, one deeper and one shallower in turn, so that both keep being measured: a depth
+    whose time is only extrapolated can otherwise never win (on a CPU, where a verified token costs
+    more than the prior says, a chain started at depth 2 stayed there while depth 1 was faster).
 
     Args:
         max_depth: deepest drafts allowed.
@@ -146,6 +148,7 @@ class DepthController:
         self.tries = [2.0] * max_depth
         self.times: dict[int, float] = {}
         self.steps = 0
+        self.probes = 0
         self.best = max_depth
 
     def choose(self) -> int:
@@ -156,8 +159,11 @@ class DepthController:
         if self.steps <= 2 or not self.times:
             return self.max_depth  # measure every head first
         self.best = max(range(self.max_depth + 1), key=self._rate)
-        if self.steps % self.probe_every == 0 and self.best < self.max_depth:
-            return self.best + 1
+        if self.steps % self.probe_every == 0:
+            self.probes += 1
+            neighbours = [d for d in (self.best + 1, self.best - 1) if 0 <= d <= self.max_depth]
+            if neighbours:
+                return neighbours[self.probes % len(neighbours)]
         return self.best
 
     def record(self, depth: int, accepted: list[int], seconds: float) -> None:
