@@ -431,9 +431,11 @@ def train_heads(args: JobArguments, base_model, tokenizer, data: datasets.Datase
         # The trainer's tokenized answers (prompt tokens labelled -100), then the text windows (every token trained).
         rows = [*zip(trainer.train_dataset["input_ids"], trainer.train_dataset["labels"]),
                 *((window, window) for window in windows)]
-        batches = warmup_batches(rows, args.warmup_batch_size, tokenizer.pad_token_id)
+        batches = warmup_batches(rows, 8, tokenizer.pad_token_id)
         # bf16 autocast runs the trunk 2.1x faster here; the argmax targets stay float32 (0.6-0.8% of them move).
-        cached = cache_trunk_outputs(peft_model, batches, autocast_dtype=args.train_dtype)
+        # The trunk runs on batches of 8, the heads train on smaller ones (more steps in the same time).
+        cached = [part for batch in cache_trunk_outputs(peft_model, batches, autocast_dtype=args.train_dtype)
+                  for part in batch.split(args.warmup_batch_size)]
         result = warmup_heads(peft_model, cached, epochs=args.warmup_epochs, learning_rate=args.warmup_learning_rate,
                               time_limit_s=clock.stage_seconds("warmup"), seed=args.seed,
                               autocast_dtype=args.train_dtype)

@@ -56,6 +56,35 @@ class TrunkOutputBatch:
         """Number of real (non-padding) tokens."""
         return int(self.attention_mask.sum())
 
+    def split(self, rows: int) -> list[TrunkOutputBatch]:
+        """This batch cut into batches of at most `rows` sequences (views, no copies).
+
+        The trunk runs fastest on large batches and the heads train best on small ones (more steps in the same time),
+        so a cache can be taken in large batches and trained on in small ones. Recorded layer arguments are cut
+        along with it: tensors with a row per sequence (padding masks, per-row rotary tables) are sliced, shared
+        ones (a first dimension of 1) are kept.
+
+        Args:
+            rows: sequences per batch (>= 1).
+        """
+        if rows < 1:
+            raise ValueError(f"`rows` must be >= 1, got {rows}.")
+        size = self.input_ids.shape[0]
+
+        def cut(value: Any, start: int) -> Any:
+            if isinstance(value, torch.Tensor):
+                return value[start:start + rows] if value.dim() >= 2 and value.shape[0] == size else value
+            if isinstance(value, (tuple, list)):
+                return type(value)(cut(item, start) for item in value)
+            if isinstance(value, dict):
+                return {key: cut(item, start) for key, item in value.items()}
+            return value
+
+        return [TrunkOutputBatch(self.input_ids[start:start + rows], self.attention_mask[start:start + rows],
+                                 self.labels[start:start + rows], self.hidden[start:start + rows],
+                                 cut(self.layer_kwargs, start), self.argmax_labels)
+                for start in range(0, size, rows)]
+
 
 def _tuner(model):
     """The `MTPModel` inside a `PeftModel` (or the tuner itself)."""
@@ -125,8 +154,8 @@ class WarmupResult:
     Attributes:
         steps: optimizer steps taken.
         seconds: wall time of the training loop.
-        head_losses: mean loss of each head over the last epoch (the last full one when a time limit ended the
-            final pass before half the batches).
+        head_losses: mean loss of each head over the last epoch (the last full one when the final pass, cut by
+            the time limit or a fractional `epochs`, covered under half the batches).
         head_accuracies: top-1 accuracy of each head over the same batches (a target outside a draft vocabulary
             is a miss).
     """
@@ -160,7 +189,7 @@ def warmup_heads(
         epochs: passes over the batches (fractions allowed).
         learning_rate: peak learning rate.
         weight_decay: AdamW weight decay.
-        warmup_ratio: share of the steps spent warming the learning rate up.
+        warmup_ratio: share of the run (steps, or time under a time limit) spent warming the learning rate up.
         max_grad_norm: gradient clipping norm.
         time_limit_s: stop when the loop has run this long. The schedule then runs on whichever of steps and time
             is further along (`max(step / steps, elapsed / time_limit_s)`), so the learning rate decays to zero by

@@ -47,6 +47,33 @@ def test_cached_head_outputs_equal_the_model_forward(head_type):
     torch.testing.assert_close(from_cache[real], direct[real], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("head_type", ["sequential", "mha_ffn"])
+def test_split_batches_give_the_heads_the_same_outputs_and_loss(head_type):
+    model = get_peft_model(make_model("llama"), MTPConfig(num_heads=2, head_type=head_type, head_init="random",
+                                                           head_target_source="argmax"))
+    (cached,) = cache_trunk_outputs(model, _batches(num_batches=1, batch_size=5), progress=False)
+    parts = cached.split(2)
+    assert [part.input_ids.shape[0] for part in parts] == [2, 2, 1]
+    tuner = model.base_model
+    heads = tuner.active_heads()
+
+    def run(batch):
+        context = HeadContext(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              layer_kwargs=batch.layer_kwargs, embed=tuner.get_trunk().embed)
+        hidden = heads(batch.hidden, context)
+        return hidden, tuner.compute_mtp_loss(hidden, batch.labels, trunk_hidden=batch.hidden, target_source="labels")
+
+    with torch.no_grad():
+        whole, whole_loss = run(cached)
+        split = [run(part) for part in parts]
+    real = cached.attention_mask.bool()
+    torch.testing.assert_close(torch.cat([hidden for hidden, _ in split])[real], whole[real], atol=1e-5, rtol=1e-5)
+    assert torch.equal(sum(loss.head_correct for _, loss in split), whole_loss.head_correct)
+    torch.testing.assert_close(sum(loss.head_loss_sums for _, loss in split), whole_loss.head_loss_sums)
+    with pytest.raises(ValueError, match="`rows` must be >= 1, got 0"):
+        cached.split(0)
+
+
 @pytest.mark.parametrize("head_type", HEAD_TYPES)
 def test_warmup_trains_heads_only_and_lowers_the_loss(head_type):
     model = get_peft_model(make_model("llama"), MTPConfig(num_heads=2, head_type=head_type)).eval()
@@ -168,6 +195,26 @@ def test_time_limit_fits_the_schedule_so_the_learning_rate_ends_near_zero(monkey
     result = warmup_heads(model, cached, epochs=1000, learning_rate=1e-2, time_limit_s=30.5, progress=False)
     assert result.steps == 30
     assert rates[-1] < 0.02 * max(rates)  # decayed to ~0 by the deadline, not cut off mid-schedule
+
+
+def test_time_limit_is_used_whole_when_the_first_steps_are_slow(monkeypatch):
+    # The first 10 steps take 3 s each, the rest 1 s: a schedule fitted to the first steps' pace would stop near 20
+    # steps; the clock-driven one trains until the deadline and still ends near zero.
+    readings = iter([0.0, *(3.0 * (i + 1) for i in range(10)), *(30.0 + i + 1 for i in range(10**4))])
+    monkeypatch.setattr("peft_mtp.warmup.time.perf_counter", lambda: next(readings))
+    rates = []
+    original_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    model = get_peft_model(make_model("llama"), MTPConfig(num_heads=1, head_type="ffn"))
+    cached = cache_trunk_outputs(model, _batches(), progress=False)
+    result = warmup_heads(model, cached, epochs=1000, learning_rate=1e-2, time_limit_s=62.0, progress=False)
+    assert result.steps == 41  # 10 slow steps, 31 fast ones; the next would end past 62 s at the average pace
+    assert rates[-1] < 0.02 * max(rates)
 
 
 def test_trunk_lora_is_refused():
