@@ -19,7 +19,9 @@ model's distribution over the draft vocabulary instead of its argmax), `b<rows>`
 rows, split from the cached batches of 8), `data<fraction>` (a random share of the distilled answers' batches:
 how held-out agreement grows with data), `nosource` (the distilled answers only,
 without the source windows). Unset parts take the first recipe's defaults: K=2, v2048,
-lr 1e-3, feat 0, float32. All heads are `sequential` (`--head_type` to change), trained with batches of 8 rows.
+lr 1e-3, feat 0, float32, batches of 8 rows, all the data. All heads are `sequential` (`--head_type` to change).
+The training data is cached with the trunk under bf16 autocast where the main job would use it (`--cache_dtype`);
+the held-out prompts always in float32, as they are evaluated.
 
 It distils the answers itself when the main job has not (same settings, same cache), which takes ~5 minutes.
 """
@@ -76,11 +78,11 @@ class Recipe:
                 recipe.soft = True
             elif part == "nosource":
                 recipe.source = False
-            elif part.startswith("lr"):
+            elif part.startswith("lr") and _is_number(part[2:]):
                 recipe.learning_rate = float(part[2:])
-            elif part.startswith("feat"):
+            elif part.startswith("feat") and _is_number(part[4:]):
                 recipe.feature_loss_weight = float(part[4:])
-            elif part.startswith("data"):
+            elif part.startswith("data") and _is_number(part[4:]):
                 recipe.data_fraction = float(part[4:])
             elif part[:1] == "b" and part[1:].isdigit():
                 recipe.batch_rows = int(part[1:])
@@ -91,7 +93,17 @@ class Recipe:
             else:
                 raise SystemExit(f"Unknown recipe part {part!r} in {spec!r}: expected k<K>, v<N>, lr<rate>, "
                                  "feat<weight>, bf16, soft, b<rows>, data<fraction> or nosource.")
+        if recipe.num_heads < 1 or recipe.batch_rows < 1 or not 0.0 < recipe.data_fraction <= 1.0:
+            raise SystemExit(f"Recipe {spec!r}: k<K> and b<rows> must be >= 1 and data<fraction> in (0, 1].")
         return recipe
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def tokenized_rows(job_args, peft_model, tokenizer, data):

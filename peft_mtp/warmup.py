@@ -60,12 +60,20 @@ class TrunkOutputBatch:
         """This batch cut into batches of at most `rows` sequences (views, no copies).
 
         The trunk runs fastest on large batches and the heads train best on small ones (more steps in the same time),
-        so a cache can be taken in large batches and trained on in small ones. Recorded layer arguments are cut
-        along with it: tensors with a row per sequence (padding masks, per-row rotary tables) are sliced, shared
-        ones (a first dimension of 1) are kept.
+        so a cache can be taken in large batches and trained on in small ones. The recorded layer arguments are cut
+        along with it: the per-row ones (`attention_mask`, `position_ids`, `position_embeddings`) are sliced where
+        they have a row per sequence and kept where they are shared (a first dimension of 1); `cache_position` and
+        non-tensor arguments are kept.
 
         Args:
             rows: sequences per batch (>= 1).
+
+        Returns:
+            The batches, in order; the last one may be shorter.
+
+        Raises:
+            ValueError: `rows` < 1, or a layer argument this method does not know holds tensors with more than one
+                row (it cannot tell whether they run over the sequences).
         """
         if rows < 1:
             raise ValueError(f"`rows` must be >= 1, got {rows}.")
@@ -73,17 +81,38 @@ class TrunkOutputBatch:
 
         def cut(value: Any, start: int) -> Any:
             if isinstance(value, torch.Tensor):
-                return value[start:start + rows] if value.dim() >= 2 and value.shape[0] == size else value
+                return value[start:start + rows] if value.dim() and value.shape[0] == size else value
             if isinstance(value, (tuple, list)):
                 return type(value)(cut(item, start) for item in value)
-            if isinstance(value, dict):
-                return {key: cut(item, start) for key, item in value.items()}
             return value
 
+        def check(key: str, value: Any) -> None:
+            if isinstance(value, (tuple, list)):
+                for item in value:
+                    check(key, item)
+            elif isinstance(value, torch.Tensor) and value.dim() and value.shape[0] > 1:
+                raise ValueError(
+                    f"Cannot split the cached layer argument {key!r} (shape {tuple(value.shape)}): only "
+                    f"{_PER_ROW_ARGUMENTS} are known to run over the sequences. Cache in batches of the size you "
+                    "train on instead."
+                )
+
+        for kwargs in self.layer_kwargs:
+            for key, value in kwargs.items():
+                if key not in _PER_ROW_ARGUMENTS and key not in _SHARED_ARGUMENTS:
+                    check(key, value)
         return [TrunkOutputBatch(self.input_ids[start:start + rows], self.attention_mask[start:start + rows],
                                  self.labels[start:start + rows], self.hidden[start:start + rows],
-                                 cut(self.layer_kwargs, start), self.argmax_labels)
+                                 [{key: cut(value, start) if key in _PER_ROW_ARGUMENTS else value
+                                   for key, value in kwargs.items()} for kwargs in self.layer_kwargs],
+                                 self.argmax_labels)
                 for start in range(0, size, rows)]
+
+
+# Decoder-layer arguments `TrunkOutputBatch.split` slices (one row per sequence, or shared with a first dimension
+# of 1), and ones it keeps whole (positions of the pass, shared by every row).
+_PER_ROW_ARGUMENTS = ("attention_mask", "position_ids", "position_embeddings")
+_SHARED_ARGUMENTS = ("cache_position",)
 
 
 def _tuner(model):
@@ -112,8 +141,9 @@ def cache_trunk_outputs(model, batches: Iterable[dict[str, torch.Tensor]], progr
         model: a `PeftModel` with MTP heads and no trunk LoRA.
         batches: dicts with `input_ids`, `attention_mask` and `labels` (`(B, T)` each, right-padded).
         progress: show a progress bar.
-        autocast_dtype: run the trunk's forward under `torch.autocast` in this dtype (e.g. `torch.bfloat16`: 2.1x
-            faster on a CPU with AVX512-BF16, measured on SmolLM2-135M). The argmax targets are still taken in the
+        autocast_dtype: run the trunk's forward under `torch.autocast` in this dtype (e.g. `torch.bfloat16`: a
+            forward over 8 x 512 tokens of SmolLM2-135M ran 2.1x faster on a CPU with AVX512-BF16; the whole
+            caching, float32 argmax included, about 1.5x). The argmax targets are still taken in the
             model's own dtype from the hidden states it produced; on SmolLM2 they differ from a float32 trunk's at
             0.6-0.8% of positions (near-ties), against 1-1.9% with the argmax in bf16 too.
 
@@ -154,8 +184,8 @@ class WarmupResult:
     Attributes:
         steps: optimizer steps taken.
         seconds: wall time of the training loop.
-        head_losses: mean loss of each head over the last epoch (the last full one when the final pass, cut by
-            the time limit or a fractional `epochs`, covered under half the batches).
+        head_losses: mean loss of each head over the last pass over the batches (the full pass before it when
+            the last one, cut by the time limit or a fractional `epochs`, covered under half the batches).
         head_accuracies: top-1 accuracy of each head over the same batches (a target outside a draft vocabulary
             is a miss).
     """
@@ -191,9 +221,10 @@ def warmup_heads(
         weight_decay: AdamW weight decay.
         warmup_ratio: share of the run (steps, or time under a time limit) spent warming the learning rate up.
         max_grad_norm: gradient clipping norm.
-        time_limit_s: stop when the loop has run this long. The schedule then runs on whichever of steps and time
-            is further along (`max(step / steps, elapsed / time_limit_s)`), so the learning rate decays to zero by
-            the deadline however the step times vary (batches of different lengths).
+        time_limit_s: stop before a step that, at the average pace so far, would end past this many seconds. The
+            schedule then runs on whichever of steps and time is further along (`max(step / steps, elapsed /
+            time_limit_s)`), so the learning rate decays to zero by the deadline however the step times vary
+            (batches of different lengths). The first step is always taken.
         seed: seed of the batch order.
         progress: show a progress bar.
         autocast_dtype: run the heads' forward and loss under `torch.autocast` in this dtype (e.g.
@@ -209,6 +240,10 @@ def warmup_heads(
 
     tuner = _tuner(model)
     _check_frozen_trunk(tuner)
+    if not batches:
+        raise ValueError("`batches` is empty: pass the output of `cache_trunk_outputs` on at least one batch.")
+    if time_limit_s is not None and time_limit_s <= 0:
+        raise ValueError(f"`time_limit_s` must be > 0 seconds (or None for no limit), got {time_limit_s}.")
     trunk, heads = tuner.get_trunk(), tuner.active_heads()
     num_heads = heads.num_heads
 
@@ -226,7 +261,7 @@ def warmup_heads(
         """
         done, ramp_done = step / total, (step + 1) / total
         if time_limit_s is not None:
-            by_time = elapsed / time_limit_s if time_limit_s > 0 else 1.0
+            by_time = elapsed / time_limit_s
             done, ramp_done = max(done, by_time), max(ramp_done, by_time)
         ramp = min(1.0, ramp_done / warmup_ratio) if warmup_ratio > 0 else 1.0
         return learning_rate * ramp * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))

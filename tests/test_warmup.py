@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -9,6 +11,8 @@ from tiny_models import VOCAB_SIZE, make_model
 
 from peft_mtp import MTPConfig
 from peft_mtp.heads import HeadContext
+from peft_mtp.loss import model_predictions
+from peft_mtp import warmup
 from peft_mtp.warmup import cache_trunk_outputs, warmup_heads
 
 HEAD_TYPES = ("ffn", "sequential", "mha_ffn")
@@ -70,8 +74,13 @@ def test_split_batches_give_the_heads_the_same_outputs_and_loss(head_type):
     torch.testing.assert_close(torch.cat([hidden for hidden, _ in split])[real], whole[real], atol=1e-5, rtol=1e-5)
     assert torch.equal(sum(loss.head_correct for _, loss in split), whole_loss.head_correct)
     torch.testing.assert_close(sum(loss.head_loss_sums for _, loss in split), whole_loss.head_loss_sums)
+    assert parts[1].hidden.data_ptr() == cached.hidden[2:].data_ptr()  # views, no copies
     with pytest.raises(ValueError, match="`rows` must be >= 1, got 0"):
         cached.split(0)
+    if head_type == "sequential":  # decoder-layer heads record the trunk's layer arguments
+        cached.layer_kwargs[0]["alibi"] = torch.zeros(5, 3)
+        with pytest.raises(ValueError, match=r"Cannot split the cached layer argument 'alibi' \(shape \(5, 3\)\)"):
+            cached.split(2)
 
 
 @pytest.mark.parametrize("head_type", HEAD_TYPES)
@@ -133,7 +142,7 @@ def test_argmax_targets_are_computed_once_when_caching_and_give_the_same_loss():
     assert torch.equal(precomputed.head_correct, per_step.head_correct)
 
 
-def test_bf16_autocast_cache_runs_the_trunk_in_bf16_and_keeps_float32_outputs(monkeypatch):
+def test_bf16_autocast_cache_runs_the_trunk_in_bf16_and_keeps_float32_outputs():
     model = get_peft_model(make_model("llama"), MTPConfig(num_heads=2, head_type="sequential",
                                                            head_target_source="argmax"))
     batch = _batches(num_batches=1)[0]
@@ -146,9 +155,11 @@ def test_bf16_autocast_cache_runs_the_trunk_in_bf16_and_keeps_float32_outputs(mo
     assert fast.hidden.dtype == torch.float32 and not torch.equal(fast.hidden, exact.hidden)  # bf16 matmuls ran
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(fast.hidden[real], exact.hidden[real], atol=0.1, rtol=0.05)
+    # The targets are the float32 argmax of the hidden states the bf16 trunk produced, not a bf16 argmax.
+    expected = model_predictions(batch["labels"], fast.hidden, model.base_model.head_unembedding(0))
+    assert torch.equal(fast.labels, expected)
     trained = batch["labels"] != -100
     assert (fast.labels[trained] == exact.labels[trained]).float().mean() > 0.9  # near-ties may flip
-    assert torch.equal(fast.labels[~trained], exact.labels[~trained])
 
 
 def test_soft_targets_train_on_a_cache_taken_for_argmax_targets(monkeypatch):
@@ -174,14 +185,31 @@ def test_soft_targets_train_on_a_cache_taken_for_argmax_targets(monkeypatch):
 def test_time_limit_stops_early():
     model = get_peft_model(make_model("llama"), MTPConfig(num_heads=1, head_type="ffn"))
     cached = cache_trunk_outputs(model, _batches(), progress=False)
-    result = warmup_heads(model, cached, epochs=1000, time_limit_s=0.0, progress=False)
-    assert result.steps == 1
+    result = warmup_heads(model, cached, epochs=1000, time_limit_s=1e-9, progress=False)
+    assert result.steps == 1  # the first step is always taken
+    with pytest.raises(ValueError, match=r"`time_limit_s` must be > 0 seconds \(or None for no limit\), got 0.0"):
+        warmup_heads(model, cached, time_limit_s=0.0, progress=False)
+    with pytest.raises(ValueError, match="`batches` is empty"):
+        warmup_heads(model, [], progress=False)
+
+
+def test_metrics_report_the_last_full_pass_when_the_final_one_is_short():
+    # At a learning rate of ~0 every pass scores the same; a pass over one batch of three would score differently.
+    model = get_peft_model(make_model("llama"), MTPConfig(num_heads=2, head_type="ffn", head_init="random"))
+    cached = cache_trunk_outputs(model, _batches(), progress=False)
+    one = warmup_heads(model, cached, epochs=1, learning_rate=1e-12, progress=False)
+    cut_short = warmup_heads(model, cached, epochs=1.3, learning_rate=1e-12, progress=False)  # 4 steps: 3 + 1
+    past_half = warmup_heads(model, cached, epochs=1.7, learning_rate=1e-12, progress=False)  # 5 steps: 3 + 2
+    assert cut_short.steps == 4 and past_half.steps == 5
+    torch.testing.assert_close(torch.tensor(cut_short.head_losses), torch.tensor(one.head_losses))
+    assert cut_short.head_accuracies == one.head_accuracies
+    assert not torch.allclose(torch.tensor(past_half.head_losses), torch.tensor(one.head_losses))
 
 
 def test_time_limit_fits_the_schedule_so_the_learning_rate_ends_near_zero(monkeypatch):
-    # A fake clock: every reading is one second later, so each step takes one second and 30 fit in the limit.
+    # A fake clock for the warm-up only: every reading is one second later, so each step takes one second and 30
+    # fit in the limit.
     clock = iter(range(10**6))
-    monkeypatch.setattr("peft_mtp.warmup.time.perf_counter", lambda: float(next(clock)))
     rates = []
     original_step = torch.optim.AdamW.step
 
@@ -192,6 +220,7 @@ def test_time_limit_fits_the_schedule_so_the_learning_rate_ends_near_zero(monkey
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
     model = get_peft_model(make_model("llama"), MTPConfig(num_heads=1, head_type="ffn"))
     cached = cache_trunk_outputs(model, _batches(), progress=False)
+    monkeypatch.setattr(warmup, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
     result = warmup_heads(model, cached, epochs=1000, learning_rate=1e-2, time_limit_s=30.5, progress=False)
     assert result.steps == 30
     assert rates[-1] < 0.02 * max(rates)  # decayed to ~0 by the deadline, not cut off mid-schedule
@@ -201,7 +230,6 @@ def test_time_limit_is_used_whole_when_the_first_steps_are_slow(monkeypatch):
     # The first 10 steps take 3 s each, the rest 1 s: a schedule fitted to the first steps' pace would stop near 20
     # steps; the clock-driven one trains until the deadline and still ends near zero.
     readings = iter([0.0, *(3.0 * (i + 1) for i in range(10)), *(30.0 + i + 1 for i in range(10**4))])
-    monkeypatch.setattr("peft_mtp.warmup.time.perf_counter", lambda: next(readings))
     rates = []
     original_step = torch.optim.AdamW.step
 
@@ -212,6 +240,7 @@ def test_time_limit_is_used_whole_when_the_first_steps_are_slow(monkeypatch):
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
     model = get_peft_model(make_model("llama"), MTPConfig(num_heads=1, head_type="ffn"))
     cached = cache_trunk_outputs(model, _batches(), progress=False)
+    monkeypatch.setattr(warmup, "time", SimpleNamespace(perf_counter=lambda: next(readings)))
     result = warmup_heads(model, cached, epochs=1000, learning_rate=1e-2, time_limit_s=62.0, progress=False)
     assert result.steps == 41  # 10 slow steps, 31 fast ones; the next would end past 62 s at the average pace
     assert rates[-1] < 0.02 * max(rates)

@@ -508,14 +508,21 @@ def _select(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
 
 
 def _check_tree_width(tree: DraftTree, heads, vocab_size: int) -> None:
-    """Refuse a tree that asks a head for more candidates than it has tokens to rank."""
+    """Refuse a tree that asks a head for more candidates than it has tokens to rank.
+
+    Args:
+        tree: the full draft tree of the call.
+        heads: the active `MTPHeadStack` (its draft vocabulary, if any, bounds the ranks).
+        vocab_size: the model's vocabulary size.
+    """
     width = heads.draft_vocab.size if heads.draft_vocab is not None else vocab_size
     for k, topk in enumerate(tree.topk, start=1):
         if topk > width:
             where = "draft vocabulary (`draft_vocab_size`)" if heads.draft_vocab is not None else "vocabulary"
             raise ValueError(
                 f"`mtp_tree` asks head {k} for its top {topk} candidates, but the heads' {where} has {width} tokens; "
-                f"use paths whose entries at depth {k} are below {width}."
+                f"use paths whose entries at depth {k} are below {width}"
+                + (", or heads with a larger `draft_vocab_size`." if heads.draft_vocab is not None else ".")
             )
 
 

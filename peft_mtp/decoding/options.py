@@ -128,7 +128,7 @@ class DepthController:
         max_depth: deepest drafts allowed.
         fixed: a fixed depth, or None for the automatic mode.
         sizes: tokens verified per row at each depth 0..max_depth (default: depth + 1, a chain).
-        probe_every: steps between probes of a deeper depth (automatic mode).
+        probe_every: steps between probes of a neighbouring depth (automatic mode).
         decay: weight kept by past counts at each step (automatic mode).
     """
 
