@@ -72,9 +72,9 @@ class JobArguments:
         threads: torch CPU threads (default: torch's own choice).
         mixed_precision: `bf16` generates the distilled answers with a bf16 copy of the model, caches the trunk's
             outputs under bf16 autocast (argmax targets in float32) and trains the heads under bf16 autocast (forward
-            and loss); `no` keeps float32; `auto` (default) picks bf16 on CUDA, and on
-            a CPU when a bf16 matmul measures faster than float32 there (AVX512-BF16 / AMX: ~2.5x). Evaluation always uses the model
-            in its own dtype.
+            and loss); `no` keeps float32; `auto` (default) picks bf16 on CUDA, and on a CPU when a bf16 matmul
+            measures faster than float32 there (AVX512-BF16 / AMX: ~2.5x). Evaluation always uses the model in its
+            own dtype.
 
     > Parameters that control the heads
 

@@ -124,6 +124,11 @@ def _tuner(model):
     return tuner
 
 
+def _autocast(device_type: str, dtype: torch.dtype | None):
+    """`torch.autocast` in `dtype` on `device_type`, or a no-op context when `dtype` is None."""
+    return torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def _check_frozen_trunk(tuner) -> None:
     if tuner.active_config().lora_config is not None:
         raise ValueError(
@@ -158,8 +163,7 @@ def cache_trunk_outputs(model, batches: Iterable[dict[str, torch.Tensor]], progr
     trunk, heads = tuner.get_trunk(), tuner.active_heads()
     argmax = tuner.active_config().head_target_source == "argmax"
     device = trunk.unembedding.weight.device
-    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else contextlib.nullcontext())
+    autocast = _autocast(device.type, autocast_dtype)
     batches = list(batches)
     cached = []
     for batch in tqdm(batches, desc="Caching trunk outputs", unit="batch", disable=not progress):
@@ -229,9 +233,8 @@ def warmup_heads(
         progress: show a progress bar.
         autocast_dtype: run the heads' forward and loss under `torch.autocast` in this dtype (e.g.
             `torch.bfloat16`; the backward pass follows the dtypes it chose); parameters, gradients and the optimizer
-            stay in their own dtype. On CPUs with
-            AVX512-BF16 or AMX a bf16 matmul runs about 2.5x faster than fp32. The optimizer step runs outside
-            autocast: inside it, training diverged (measured on SmolLM2).
+            stay in their own dtype. On CPUs with AVX512-BF16 or AMX a bf16 matmul runs about 2.5x faster than
+            fp32. The optimizer step runs outside autocast: inside it, training diverged (measured on SmolLM2).
 
     Returns:
         A `WarmupResult`. The heads are left in the train / eval mode they were in.
@@ -266,9 +269,7 @@ def warmup_heads(
         ramp = min(1.0, ramp_done / warmup_ratio) if warmup_ratio > 0 else 1.0
         return learning_rate * ramp * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
 
-    device_type = trunk.unembedding.weight.device.type
-    autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
-                else contextlib.nullcontext())
+    autocast = _autocast(trunk.unembedding.weight.device.type, autocast_dtype)
     rng = random.Random(seed)
     was_training = heads.training
     losses, scored, hits, counts = (torch.zeros(num_heads) for _ in range(4))
@@ -313,6 +314,6 @@ def warmup_heads(
     bar.close()
     heads.train(was_training)
     if previous is not None and 2 * (step - epoch_start) < len(batches):
-        losses, scored, hits, counts = previous  # the last pass was cut short by the time limit
+        losses, scored, hits, counts = previous  # the last pass was cut short (time limit or fractional epochs)
     return WarmupResult(step, time.perf_counter() - start, (losses / scored.clamp(min=1)).tolist(),
                         (hits / counts.clamp(min=1)).tolist())

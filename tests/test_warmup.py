@@ -206,10 +206,8 @@ def test_metrics_report_the_last_full_pass_when_the_final_one_is_short():
     assert not torch.allclose(torch.tensor(past_half.head_losses), torch.tensor(one.head_losses))
 
 
-def test_time_limit_fits_the_schedule_so_the_learning_rate_ends_near_zero(monkeypatch):
-    # A fake clock for the warm-up only: every reading is one second later, so each step takes one second and 30
-    # fit in the limit.
-    clock = iter(range(10**6))
+def _warm_up_on_a_fake_clock(monkeypatch, readings, time_limit_s: float):
+    """Warm up with `peft_mtp.warmup`'s clock replaced by `readings`; return the result and each step's rate."""
     rates = []
     original_step = torch.optim.AdamW.step
 
@@ -220,8 +218,15 @@ def test_time_limit_fits_the_schedule_so_the_learning_rate_ends_near_zero(monkey
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
     model = get_peft_model(make_model("llama"), MTPConfig(num_heads=1, head_type="ffn"))
     cached = cache_trunk_outputs(model, _batches(), progress=False)
+    clock = iter(readings)
     monkeypatch.setattr(warmup, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
-    result = warmup_heads(model, cached, epochs=1000, learning_rate=1e-2, time_limit_s=30.5, progress=False)
+    result = warmup_heads(model, cached, epochs=1000, learning_rate=1e-2, time_limit_s=time_limit_s, progress=False)
+    return result, rates
+
+
+def test_time_limit_fits_the_schedule_so_the_learning_rate_ends_near_zero(monkeypatch):
+    # Every reading of the warm-up's clock is one second later, so each step takes one second and 30 fit.
+    result, rates = _warm_up_on_a_fake_clock(monkeypatch, range(10**6), time_limit_s=30.5)
     assert result.steps == 30
     assert rates[-1] < 0.02 * max(rates)  # decayed to ~0 by the deadline, not cut off mid-schedule
 
@@ -229,19 +234,8 @@ def test_time_limit_fits_the_schedule_so_the_learning_rate_ends_near_zero(monkey
 def test_time_limit_is_used_whole_when_the_first_steps_are_slow(monkeypatch):
     # The first 10 steps take 3 s each, the rest 1 s: a schedule fitted to the first steps' pace would stop near 20
     # steps; the clock-driven one trains until the deadline and still ends near zero.
-    readings = iter([0.0, *(3.0 * (i + 1) for i in range(10)), *(30.0 + i + 1 for i in range(10**4))])
-    rates = []
-    original_step = torch.optim.AdamW.step
-
-    def recording_step(self, *args, **kwargs):
-        rates.append(self.param_groups[0]["lr"])
-        return original_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
-    model = get_peft_model(make_model("llama"), MTPConfig(num_heads=1, head_type="ffn"))
-    cached = cache_trunk_outputs(model, _batches(), progress=False)
-    monkeypatch.setattr(warmup, "time", SimpleNamespace(perf_counter=lambda: next(readings)))
-    result = warmup_heads(model, cached, epochs=1000, learning_rate=1e-2, time_limit_s=62.0, progress=False)
+    readings = [0.0, *(3.0 * (i + 1) for i in range(10)), *(30.0 + i + 1 for i in range(10**4))]
+    result, rates = _warm_up_on_a_fake_clock(monkeypatch, readings, time_limit_s=62.0)
     assert result.steps == 41  # 10 slow steps, 31 fast ones; the next would end past 62 s at the average pace
     assert rates[-1] < 0.02 * max(rates)
 
