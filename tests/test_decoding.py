@@ -16,7 +16,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from peft_mtp import HEAD_TYPES
-from peft_mtp.decoding import SpeculationStats, reference_generate
+from peft_mtp.decoding import DraftTree, SpeculationStats, default_chain_tree_paths, reference_generate
 from peft_mtp.decoding.loop import SpeculativeDecoder
 
 PARALLEL_HEAD_TYPES = tuple(h for h in HEAD_TYPES if h != "sequential")
@@ -49,7 +49,6 @@ def greedy(model, ids, mask=None, **kwargs):
 def test_identical_to_plain_greedy(head_type, num_heads, depth, tree, lengths, max_new_tokens, use_eos, seed):
     model = heads_model(head_type, num_heads=num_heads, seed=seed % 7, dtype=torch.float32)
     depth = depth if depth == "auto" else min(depth, num_heads)
-    tree = tree and head_type != "sequential"
     ids, mask = padded_batch(lengths, seed=seed)
     plain, ours, stats = greedy(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=EOS if use_eos else None,
                                 mtp_depth=depth, mtp_tree=tree or None)
@@ -104,11 +103,13 @@ def test_logits_processors_apply_at_every_verified_position():
 
 
 TREE = [(0,), (1,), (0, 0), (1, 0), (0, 1), (0, 0, 0)]
+CHAIN_TREE = [(0,), (1,), (2,), (0, 0), (0, 1), (0, 0, 0), (0, 0, 1)]  # branches on the best chain only
 
 
 @pytest.mark.parametrize(
     ("head_type", "tree"),
-    [(head_type, None) for head_type in HEAD_TYPES] + [(head_type, TREE) for head_type in ("ffn", "cnn", "identical")],
+    [(head_type, None) for head_type in HEAD_TYPES] + [(head_type, TREE) for head_type in ("ffn", "cnn", "identical")]
+    + [("sequential", CHAIN_TREE)],
 )
 def test_matches_reference_loop(head_type, tree):
     # float64: the two loops round differently, so near-ties could otherwise flip a draft.
@@ -337,10 +338,33 @@ def test_invalid_options_name_the_option(kwargs, message):
         model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False, **kwargs)
 
 
-def test_sequential_heads_refuse_trees():
+def test_sequential_heads_refuse_trees_that_branch_off_the_best_chain():
     model = heads_model("sequential", seed=18)
-    with pytest.raises(ValueError, match="sequential"):
-        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False, mtp_tree=True)
+    with pytest.raises(ValueError, match=r"path \(1, 0\) extends a runner-up candidate.*sequential"):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False, mtp_tree=TREE)
+
+
+def test_sequential_tree_drafts_accept_runner_ups_and_keep_the_heads_in_step(monkeypatch):
+    """Runner-up candidates get accepted, and the heads' state after them matches the reference loop's."""
+    model = heads_model("sequential", seed=20, dtype=torch.float64, noise=0.03)
+    accepted_nodes = []
+    original = DraftTree.accept
+
+    def accept(self, tokens, choices):
+        node = original(self, tokens, choices)
+        accepted_nodes.extend(self.paths[i] for i in node.tolist())
+        return node
+
+    monkeypatch.setattr(DraftTree, "accept", accept)
+    for prompt in ([11, 42, 7, 99, 5, 63, 18], [3, 1, 4, 1, 5, 9, 2, 6]):
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                             mtp_depth=3, mtp_tree=True, mtp_trace=True, return_dict_in_generate=True)
+        tokens, accepted = reference_generate(model.base_model, prompt, 24, depth=3,
+                                              tree=default_chain_tree_paths(3))
+        assert out.sequences[0, len(prompt):].tolist() == tokens
+        assert [step[0][1] for step in out.mtp_stats.trace] == accepted
+    assert any(path and path[-1] > 0 for path in accepted_nodes), accepted_nodes  # a runner-up won
+    assert any(len(path) >= 2 for path in accepted_nodes), accepted_nodes  # and chains went on
 
 
 def test_right_padding_is_refused_with_a_fix():

@@ -137,11 +137,12 @@ def test_sampling_with_drafts_near_the_model_is_exact(tree):
     assert 0.2 < stats.acceptance_rate[0] < 0.9
 
 
-@pytest.mark.parametrize("head_type", ["ffn", "sequential"])
-def test_sampling_with_real_heads_is_exact(head_type):
+@pytest.mark.parametrize(("head_type", "tree"), [("ffn", None), ("sequential", None), ("sequential", True)],
+                         ids=["ffn", "sequential", "sequential-tree"])
+def test_sampling_with_real_heads_is_exact(head_type, tree):
     model = model_with_heads(head_type)
     exact, _ = exact_distribution(model.base_model.model)
-    samples, stats = sample(model)
+    samples, stats = sample(model, mtp_tree=tree)
     assert chi_square_p_value(samples, exact) > 1e-3
     assert stats.proposed[0] > 0
 

@@ -7,7 +7,13 @@ import torch
 
 from peft_mtp.decoding.layout import apply_keep, chunk_attention_mask, front_align, plan_keep, ragged_cat
 from peft_mtp.decoding.options import DepthController
-from peft_mtp.decoding.tree import DraftTree, chain_paths, default_tree_paths
+from peft_mtp.decoding.tree import (
+    DraftTree,
+    chain_paths,
+    check_branches_on_best_chain,
+    default_chain_tree_paths,
+    default_tree_paths,
+)
 
 
 def test_tree_from_paths_orders_nodes_and_builds_the_ancestor_mask():
@@ -50,6 +56,18 @@ def test_default_tree_grows_with_depth_and_is_prefix_closed():
         tree = DraftTree.from_paths(default_tree_paths(depth), depth)
         assert tree.depth == depth
     assert DraftTree.from_paths([], 3).num_nodes == 1  # the root alone: no drafts
+
+
+def test_default_chain_tree_branches_on_the_best_chain_only():
+    for depth in range(1, 6):
+        paths = default_chain_tree_paths(depth)
+        tree = DraftTree.from_paths(paths, depth)
+        assert tree.depth == depth
+        assert tree.num_nodes == 1 + 3 + 2 * (depth - 1)
+        check_branches_on_best_chain(paths)
+    assert default_chain_tree_paths(2) == [(0,), (1,), (2,), (0, 0), (0, 1)]
+    with pytest.raises(ValueError, match=r"path \(0, 2, 0\) extends a runner-up"):
+        check_branches_on_best_chain([(0,), (0, 0), (0, 2), (0, 2, 0)])
 
 
 @pytest.mark.parametrize(

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peft_mtp import fast_linear
 from peft_mtp.fast_linear import (
     CANDIDATES,
+    PACKED_WEIGHTS,
     KernelChoice,
     LinearGroup,
+    PackedWeights,
     fast_small_row_linear,
     measure_kernels,
     row_bucket,
@@ -74,3 +79,48 @@ def test_measure_kernels_fills_every_bucket_so_decoding_measures_nothing(monkeyp
 def test_row_buckets_are_powers_of_two():
     assert [row_bucket(r) for r in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
 
+
+
+needs_onednn = pytest.mark.skipif("onednn_packed" not in CANDIDATES, reason="this torch build has no oneDNN")
+
+
+@needs_onednn
+def test_packed_copies_follow_in_place_updates_and_replaced_data():
+    weights = PackedWeights()
+    weight, x = torch.randn(40, 24), torch.randn(3, 24)
+    first = weights.get(weight)
+    torch.testing.assert_close(CANDIDATES["onednn_packed"](x.double(), weight.double(), None),  # float64: stock path
+                               F.linear(x.double(), weight.double()))
+    assert weights.get(weight) is first  # reused while the weight is unchanged
+    weight.mul_(2.0)  # an optimizer step: same storage, new version
+    torch.testing.assert_close(CANDIDATES["onednn_packed"](x, weight, None), F.linear(x, weight))
+    assert weights.get(weight) is not first
+    layer = nn.Linear(24, 40)
+    expected = F.linear(x, layer.weight, layer.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(CANDIDATES["onednn_packed"](x, layer.weight, layer.bias), expected)
+        layer.weight.data = torch.randn(40, 24)  # new storage
+        torch.testing.assert_close(CANDIDATES["onednn_packed"](x, layer.weight, layer.bias),
+                                   F.linear(x, layer.weight, layer.bias))
+
+
+@needs_onednn
+def test_packed_copies_are_freed_when_no_bucket_chooses_them(monkeypatch):
+    model = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 8))
+    group = LinearGroup([model[0], model[2]])
+
+    def slow(kernel):
+        def run(x, weight, bias):
+            time.sleep(0.005)
+            return kernel(x, weight, bias)
+        return run
+
+    packed = CANDIDATES["onednn_packed"]
+    for candidates, kept in (({"linear": CANDIDATES["linear"], "onednn_packed": slow(packed)}, False),
+                             ({"linear": slow(CANDIDATES["linear"]), "onednn_packed": packed}, True)):
+        PACKED_WEIGHTS.clear()
+        monkeypatch.setattr(fast_linear, "CANDIDATES", candidates)
+        with torch.no_grad():
+            kernel = KernelChoice(repeats=1).kernel(torch.empty(2, 8), group)
+        assert (kernel is packed) is kept
+        assert (model[0].weight in PACKED_WEIGHTS._copies) is kept  # measuring packed it; freed unless chosen

@@ -11,7 +11,7 @@ from .loop import MTPGenerateOutput, SpeculativeDecoder, speculative_generate
 from .options import SpeculationOptions
 from .reference import reference_generate
 from .stats import SpeculationStats
-from .tree import DraftTree, chain_paths, default_tree_paths
+from .tree import DraftTree, chain_paths, default_chain_tree_paths, default_tree_paths
 
 __all__ = [
     "DraftTree",
@@ -20,6 +20,7 @@ __all__ = [
     "SpeculationStats",
     "SpeculativeDecoder",
     "chain_paths",
+    "default_chain_tree_paths",
     "default_tree_paths",
     "generate_with_heads",
     "reference_generate",

@@ -163,12 +163,8 @@ class SpeculativeDecoder:
         self.streamer = streamer
         num_heads = self.heads.num_heads
         max_depth = options.max_depth(num_heads)
-        if options.tree not in (None, False) and self.heads.head_type == "sequential":
-            raise ValueError(
-                "`mtp_tree` needs parallel heads: `sequential` heads draft one chain (each depth reads the previous "
-                "draft). Use `mtp_tree=None` with these heads."
-            )
-        self.shapes = DraftShapes(options.tree_paths(max_depth), num_heads)
+        sequential = self.heads.head_type == "sequential"
+        self.shapes = DraftShapes(options.tree_paths(max_depth, sequential=sequential), num_heads)
         _check_tree_width(self.shapes.tree(self.shapes.max_depth), self.heads, self.trunk.vocab_size)
         fixed = None if options.depth == "auto" else min(options.depth, self.shapes.max_depth)
         sizes = [self.shapes.tree(depth).num_nodes for depth in range(self.shapes.max_depth + 1)]
@@ -293,8 +289,12 @@ class SpeculativeDecoder:
             return root[:, None], None
         if self.drafter.sequential:
             probs: list[torch.Tensor] = []
+            candidates: list[torch.Tensor] = []  # trees: each depth's top-k, ranked after the best chain
 
             def pick(k: int, logits: torch.Tensor) -> torch.Tensor:
+                if not tree.is_chain:
+                    candidates.append(self.heads.token_ids(logits.topk(tree.topk[k - 1], dim=-1).indices))
+                    return candidates[-1][:, 0]  # the chain goes on from the best candidate
                 if not self.do_sample:
                     return self.heads.token_ids(logits.argmax(dim=-1))
                 scores = self._process_rows(self.heads.full_vocab_logits(logits).float())
@@ -302,6 +302,8 @@ class SpeculativeDecoder:
                 return torch.multinomial(probs[-1], 1)[:, 0]
 
             drafts = self.drafter.draft_chain(depth, self._verified_tokens, self._num_verified(), pick)
+            if not tree.is_chain:
+                return tree.node_tokens(root, candidates), None
             return torch.cat([root[:, None], drafts], dim=1), (torch.stack(probs, dim=1) if probs else None)
         logits = self.drafter.head_logits(tree.depth)  # (R, D, N), one unembedding matmul for all heads
         if self.do_sample and tree.is_chain:

@@ -6,7 +6,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .tree import DraftTree, Path, chain_paths, default_tree_paths
+from .tree import (
+    DraftTree,
+    Path,
+    chain_paths,
+    check_branches_on_best_chain,
+    default_chain_tree_paths,
+    default_tree_paths,
+)
 
 # The `generate` keyword arguments this package reads (and removes before transformers sees them).
 OPTION_KWARGS = ("mtp_speculate", "mtp_depth", "mtp_tree", "mtp_trace", "mtp_fast_linear")
@@ -81,13 +88,26 @@ class SpeculationOptions:
             return self.depth
         return num_heads
 
-    def tree_paths(self, depth: int) -> list[Path]:
-        """The full draft shape (before any cut by the automatic depth) for `depth` heads."""
+    def tree_paths(self, depth: int, sequential: bool = False) -> list[Path]:
+        """The full draft shape (before any cut by the automatic depth) for `depth` heads.
+
+        Args:
+            depth: heads to draft with.
+            sequential: the heads are `sequential` (a chain: only the best drafts may have children).
+
+        Raises:
+            ValueError: `sequential` heads and a tree that branches off the chain of best drafts.
+        """
         if self.tree is None or self.tree is False:
             return chain_paths(depth)
         if self.tree is True:
-            return default_tree_paths(depth) if depth else []
-        return [tuple(p) if not isinstance(p, int) else (p,) for p in self.tree]
+            if not depth:
+                return []
+            return default_chain_tree_paths(depth) if sequential else default_tree_paths(depth)
+        paths = [tuple(p) if not isinstance(p, int) else (p,) for p in self.tree]
+        if sequential:
+            check_branches_on_best_chain(paths)
+        return paths
 
 
 class DraftShapes:
