@@ -114,7 +114,8 @@ class JobArguments:
         num_eval_chat: held-out chat prompts.
         num_speed_prompts: prompts of each kind timed at batch 1.
         eval_max_new_tokens: tokens generated per timed prompt.
-        eval_depths: draft depths timed ("auto" = the decoder picks).
+        eval_depths: chain-draft depths timed ("auto" = the decoder picks).
+        eval_tree_depths: the same with tree drafts (`mtp_tree=True`); empty for none.
         time_budget_min: the whole job's target wall time; stages stop early to stay within it.
         seed: seed of shuffles and training.
     """
@@ -151,7 +152,9 @@ class JobArguments:
     num_eval_chat: int = field(default=24, metadata={"help": "Held-out chat prompts."})
     num_speed_prompts: int = field(default=4, metadata={"help": "Timed prompts of each kind (batch 1)."})
     eval_max_new_tokens: int = field(default=128, metadata={"help": "Tokens generated per timed prompt."})
-    eval_depths: str = field(default="auto,1,2", metadata={"help": "Draft depths timed, comma-separated."})
+    eval_depths: str = field(default="auto,1,2", metadata={"help": "Chain-draft depths timed, comma-separated."})
+    eval_tree_depths: str = field(default="auto", metadata={"help": "Tree-draft depths timed, comma-separated "
+                                                                     "('' for none)."})
     time_budget_min: float = field(default=30.0, metadata={"help": "Target wall time of the whole job."})
     seed: int = field(default=0, metadata={"help": "Seed of shuffles and training."})
 
@@ -177,8 +180,19 @@ class JobArguments:
         return torch.bfloat16 if self.mixed_precision == "bf16" else None
 
     @property
-    def depths(self) -> list:
-        return [d if d == "auto" else int(d) for d in (x.strip() for x in self.eval_depths.split(",")) if d]
+    def modes(self) -> list[str]:
+        """The timed decoding modes: `depth=<d>` (chain drafts) and `tree depth=<d>` (tree drafts)."""
+
+        def depths(text: str) -> list:
+            return [d if d == "auto" else int(d) for d in (x.strip() for x in text.split(",")) if d]
+
+        return ([f"depth={d}" for d in depths(self.eval_depths)]
+                + [f"tree depth={d}" for d in depths(self.eval_tree_depths)])
+
+
+def mode_shape_and_depth(mode: str) -> tuple[str, str]:
+    """`("chain" or "tree", depth)` of a timed mode name (`JobArguments.modes`)."""
+    return ("tree" if mode.startswith("tree ") else "chain"), mode.split("=")[1]
 
 
 def bf16_matmul_is_faster(size: tuple[int, int, int] = (1024, 576, 2048), repeats: int = 3) -> bool:
@@ -527,7 +541,7 @@ def time_generation(peft_model, tokenizer, prompts: datasets.Dataset, args: JobA
     runs: dict[str, dict[str, float]] = {"plain": {"tokens": 0, "seconds": 0.0}}
     stats: dict[str, list] = {}
     identical: dict[str, bool] = {}
-    modes = ["plain"] + [f"depth={d}" for d in args.depths]
+    modes = ["plain"] + args.modes
 
     def generate(mode: str, encoded, max_new_tokens: int):
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
@@ -536,8 +550,9 @@ def time_generation(peft_model, tokenizer, prompts: datasets.Dataset, args: JobA
             # make plain greedy faster too, and a trick that speeds the baseline must count for it.
             with fast_small_row_linear(peft_model):
                 return peft_model.generate(**encoded, **kwargs, mtp_speculate=False)
-        depth = mode.split("=")[1]
-        kwargs.update(mtp_depth=depth if depth == "auto" else int(depth), return_dict_in_generate=True)
+        shape, depth = mode_shape_and_depth(mode)
+        kwargs.update(mtp_depth=depth if depth == "auto" else int(depth), mtp_tree=shape == "tree" or None,
+                      return_dict_in_generate=True)
         return peft_model.generate(**encoded, **kwargs)
 
     # Warm-up: the kernel choice is measured once per process and row bucket; that cost is not decoding. All buckets
@@ -590,7 +605,7 @@ def evaluate(args: JobArguments, peft_model, tokenizer, splits: datasets.Dataset
              clock: Clock) -> dict[str, Any]:
     """Agreement and speed on held-out code and chat prompts (cached per kind in the heads' folder)."""
     key = settings_key(args.num_eval_code, args.num_eval_chat, args.num_speed_prompts, args.eval_max_new_tokens,
-                       args.eval_depths, args.threads)
+                       args.modes, args.threads)
     path = heads_dir.parent / f"eval-{key}.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     if args.threads:
@@ -616,21 +631,22 @@ def evaluate(args: JobArguments, peft_model, tokenizer, splits: datasets.Dataset
 
 
 def format_table(args: JobArguments, results: dict[str, Any]) -> str:
-    """Markdown table: one row per prompt kind and draft depth."""
+    """Markdown table: one row per prompt kind and decoding mode (drafts, depth)."""
     k = args.num_heads
     heads = "/".join(str(i) for i in range(1, k + 1))
     lines = [
-        f"| prompts | draft depth | agreement, heads {heads} | acceptance in decoding, heads {heads} | tokens/step | "
-        "greedy tok/s | MTP tok/s | speed-up | identical |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| prompts | drafts | depth | agreement, heads {heads} | acceptance in decoding, heads {heads} | "
+        "tokens/step | greedy tok/s | MTP tok/s | speed-up | identical |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for kind in ("code", "chat"):
         result = results[kind]
         agreement = " / ".join(f"{a:.2f}" for a in result["head_agreement"])
         for mode, row in result["modes"].items():
             acceptance = " / ".join("-" if a is None else f"{a:.2f}" for a in row["acceptance"])
+            shape, depth = mode_shape_and_depth(mode)
             lines.append(
-                f"| {kind} | {mode.split('=')[1]} | {agreement} | {acceptance} | {row['tokens_per_step']:.2f} | "
+                f"| {kind} | {shape} | {depth} | {agreement} | {acceptance} | {row['tokens_per_step']:.2f} | "
                 f"{result['plain_tokens_per_s']:.1f} | {row['tokens_per_s']:.1f} | {row['speedup']:.2f}x | "
                 f"{'yes' if row['identical'] else 'NO'} |"
             )
@@ -654,18 +670,21 @@ def plot(all_results: dict[str, dict[str, Any]], path: Path) -> None:
             color, name = next(colors), f"{label}, {kind}"
             agreement = results[kind]["head_agreement"]
             left.plot(range(1, len(agreement) + 1), agreement, marker=marker, color=color, label=name)
-            depths = [(m.split("=")[1], row["speedup"]) for m, row in results[kind]["modes"].items()]
-            fixed = sorted((int(d), s) for d, s in depths if d != "auto")
-            right.plot([d for d, _ in fixed], [s for _, s in fixed], marker=marker, color=color, label=name)
-            right.scatter([0] * sum(d == "auto" for d, _ in depths), [s for d, s in depths if d == "auto"],
-                          marker="*", s=140, color=color)
-            max_depth = max([max_depth, len(agreement)] + [d for d, _ in fixed])
+            for shape, style in (("chain", "-"), ("tree", "--")):
+                depths = [(depth, row["speedup"]) for m, row in results[kind]["modes"].items()
+                          for s, depth in [mode_shape_and_depth(m)] if s == shape]
+                fixed = sorted((int(d), s) for d, s in depths if d != "auto")
+                right.plot([d for d, _ in fixed], [s for _, s in fixed], marker=marker, ls=style, color=color,
+                           label=f"{name}, {shape}" if depths else None)
+                right.scatter([0] * sum(d == "auto" for d, _ in depths), [s for d, s in depths if d == "auto"],
+                              marker="*" if shape == "chain" else "P", s=140, color=color)
+                max_depth = max([max_depth, len(agreement)] + [d for d, _ in fixed])
     left.axhline(0.6, color="grey", lw=0.8, ls=":")
     left.axhline(0.4, color="grey", lw=0.8, ls=":")
     left.set(title="Top-1 agreement with the greedy output (held-out)", xlabel="head k (predicts token t+1+k)",
              ylabel="agreement", ylim=(0, 1), xticks=range(1, max_depth + 1))
     right.axhline(1.0, color="grey", lw=0.8)
-    right.set(title="Speed-up vs plain greedy generate (batch 1)", xlabel="draft depth (* = auto)",
+    right.set(title="Speed-up vs plain greedy generate (batch 1)", xlabel="draft depth (at 'auto': * chain, + tree)",
               ylabel="tokens/s ratio", xticks=range(0, max_depth + 1),
               xticklabels=["auto"] + [str(d) for d in range(1, max_depth + 1)])
     left.legend(fontsize=8)

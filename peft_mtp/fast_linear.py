@@ -3,8 +3,9 @@
 Why this module exists: a plain decoding step feeds 1 token per row, a verify pass 2-16, and the heads
 unembed a few rows at once. CPU BLAS libraries pick their matmul kernel by the shape, and small row
 counts often fall on slow paths. On this project's AMD EPYC (2 threads, fp32, torch 2.13 / MKL),
-`torch.mm(W, x.T).T` with the rows padded to an even count beats `F.linear` on SmolLM2-135M's weights: a
-whole forward over 1 / 2 / 4 new tokens takes 50 / 48 / 55 ms instead of 66 / 113 / 96 ms
+`torch.mm(W, x.T).T` with the rows padded to an even count beats `F.linear` on SmolLM2-135M's weights at 1-2
+rows, and oneDNN over weights kept in its blocked layout (`PackedWeights`) at 3-16: a whole forward over
+1 / 2 / 4 / 6 / 8 new tokens takes 58 / 58 / 59 / 60 / 72 ms instead of 67 / 110 / 102 / 117 / 126 ms
 (`benchmarks/bench_forward_kernels.py`). On the Intel
 Sapphire Rapids where this module was first written, `F.linear` was as fast as one row up to 3 rows, then
 doubled from 4 to 15, while the product padded to 16 rows cost about the 16-row time.

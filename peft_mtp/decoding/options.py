@@ -30,9 +30,10 @@ class SpeculationOptions:
             drafting), or `"auto"`: start at the deepest and keep the depth with the best measured
             tokens per second, re-probing deeper now and then.
         tree (`None`, `True` or a list of paths, defaults to `None`): `mtp_tree`. None drafts a chain
-            (each head's best token). True drafts a small default tree (`default_tree_paths`); a list
-            of paths gives the tree's shape (see `peft_mtp.decoding.tree`). With `"auto"` depth, the
-            tree is cut at the chosen depth.
+            (each head's best token). True drafts a small default tree (`default_tree_paths`;
+            `default_chain_tree_paths` for `sequential` heads, whose trees branch on the best chain
+            only); a list of paths gives the tree's shape (see `peft_mtp.decoding.tree`). With
+            `"auto"` depth, the tree is cut at the chosen depth.
         trace (`bool`, defaults to `False`): `mtp_trace`. Record, per verify pass, how many drafts
             each row accepted (`output.mtp_stats.trace`).
         fast_linear (`bool`, defaults to `True`): `mtp_fast_linear`. On CPU, run the model's and the
