@@ -26,6 +26,7 @@ and speculative decoding both inside `fast_small_row_linear`, so the gain counts
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator, Sequence
 
@@ -77,7 +78,8 @@ class PackedWeights:
     reorder costs as much as the product. oneDNN can keep the reordered copy (PyTorch's inductor does the same
     when it freezes a model for CPU), so a call only streams it. On this project's AMD EPYC a SmolLM2-135M
     forward's linear layers then cost about the same for 1 to 6 rows. The copy costs memory: the size of the
-    weights again, freed with the weights or by `clear`. A copy is remade when its weight changes (in-place
+    weights again, freed with the weights or by `clear`; the kernel is not tried for a model whose copy would
+    take more than half the free memory (`packing_fits`). A copy is remade when its weight changes (in-place
     updates bump the tensor's version; `.data` replacement changes its storage).
     """
 
@@ -106,6 +108,20 @@ class PackedWeights:
 
 
 PACKED_WEIGHTS = PackedWeights()
+
+
+def available_memory_bytes() -> int | None:
+    """Physical memory not in use now, in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def packing_fits(weights: Sequence[torch.Tensor], share: float = 0.5) -> bool:
+    """Whether packed copies of `weights` fit in `share` of the free memory (a large model is not doubled)."""
+    free = available_memory_bytes()
+    return free is None or sum(w.numel() * w.element_size() for w in weights) <= share * free
 
 
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)  # oneDNN refuses float64
@@ -169,8 +185,8 @@ class KernelChoice:
                 fn(inputs[module.in_features], module.weight, module.bias)
             return time.perf_counter() - start
 
-        candidates = {name: fn for name, fn in CANDIDATES.items()
-                      if name != "onednn_packed" or dtype in ONEDNN_DTYPES}
+        packable = dtype in ONEDNN_DTYPES and packing_fits([m.weight for m in group.modules])
+        candidates = {name: fn for name, fn in CANDIDATES.items() if name != "onednn_packed" or packable}
         for fn in candidates.values():  # warm up every kernel once
             run(fn)
         best: dict[str, float] = {}

@@ -124,3 +124,17 @@ def test_packed_copies_are_freed_when_no_bucket_chooses_them(monkeypatch):
             kernel = KernelChoice(repeats=1).kernel(torch.empty(2, 8), group)
         assert (kernel is packed) is kept
         assert (model[0].weight in PACKED_WEIGHTS._copies) is kept  # measuring packed it; freed unless chosen
+
+
+@needs_onednn
+def test_weights_too_large_for_free_memory_are_not_packed(monkeypatch):
+    model = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 8))
+    PACKED_WEIGHTS.clear()
+    monkeypatch.setattr(fast_linear, "available_memory_bytes", lambda: 100)  # bytes: less than the weights
+    measured = []
+    monkeypatch.setitem(fast_linear.CANDIDATES, "onednn_packed", lambda x, w, b: measured.append(1) or F.linear(x, w, b))
+    with torch.no_grad():
+        KernelChoice(repeats=1).kernel(torch.empty(4, 8), LinearGroup([model[0], model[2]]))
+    assert not measured and len(PACKED_WEIGHTS._copies) == 0
+    monkeypatch.setattr(fast_linear, "available_memory_bytes", lambda: None)  # unknown: allowed
+    assert fast_linear.packing_fits([model[0].weight])
