@@ -191,7 +191,14 @@ class JobArguments:
 
 
 def mode_shape_and_depth(mode: str) -> tuple[str, str]:
-    """`("chain" or "tree", depth)` of a timed mode name (`JobArguments.modes`)."""
+    """The drafts and depth of a timed mode.
+
+    Args:
+        mode: a `JobArguments.modes` entry, or a `depth=<d>` key of results written before trees were timed.
+
+    Returns:
+        `("chain" or "tree", depth)`, the depth as written (`"auto"` or a number).
+    """
     return ("tree" if mode.startswith("tree ") else "chain"), mode.split("=")[1]
 
 
@@ -551,7 +558,7 @@ def time_generation(peft_model, tokenizer, prompts: datasets.Dataset, args: JobA
             with fast_small_row_linear(peft_model):
                 return peft_model.generate(**encoded, **kwargs, mtp_speculate=False)
         shape, depth = mode_shape_and_depth(mode)
-        kwargs.update(mtp_depth=depth if depth == "auto" else int(depth), mtp_tree=shape == "tree" or None,
+        kwargs.update(mtp_depth=depth if depth == "auto" else int(depth), mtp_tree=True if shape == "tree" else None,
                       return_dict_in_generate=True)
         return peft_model.generate(**encoded, **kwargs)
 
@@ -604,6 +611,7 @@ def time_generation(peft_model, tokenizer, prompts: datasets.Dataset, args: JobA
 def evaluate(args: JobArguments, peft_model, tokenizer, splits: datasets.DatasetDict, heads_dir: Path,
              clock: Clock) -> dict[str, Any]:
     """Agreement and speed on held-out code and chat prompts (cached per kind in the heads' folder)."""
+    # Keyed by the timed modes: caches written before tree drafts were timed are not reused.
     key = settings_key(args.num_eval_code, args.num_eval_chat, args.num_speed_prompts, args.eval_max_new_tokens,
                        args.modes, args.threads)
     path = heads_dir.parent / f"eval-{key}.json"
@@ -670,14 +678,19 @@ def plot(all_results: dict[str, dict[str, Any]], path: Path) -> None:
             color, name = next(colors), f"{label}, {kind}"
             agreement = results[kind]["head_agreement"]
             left.plot(range(1, len(agreement) + 1), agreement, marker=marker, color=color, label=name)
-            for shape, style in (("chain", "-"), ("tree", "--")):
-                depths = [(depth, row["speedup"]) for m, row in results[kind]["modes"].items()
-                          for s, depth in [mode_shape_and_depth(m)] if s == shape]
+            speedups = {"chain": [], "tree": []}  # (depth, speed-up) per kind of drafts
+            for mode, row in results[kind]["modes"].items():
+                shape, depth = mode_shape_and_depth(mode)
+                speedups[shape].append((depth, row["speedup"]))
+            for shape, style, auto_marker in (("chain", "-", "*"), ("tree", "--", "P")):
+                depths = speedups[shape]
                 fixed = sorted((int(d), s) for d, s in depths if d != "auto")
-                right.plot([d for d, _ in fixed], [s for _, s in fixed], marker=marker, ls=style, color=color,
-                           label=f"{name}, {shape}" if depths else None)
+                if fixed:
+                    right.plot([d for d, _ in fixed], [s for _, s in fixed], marker=marker, ls=style, color=color,
+                               label=f"{name}, {shape}")
                 right.scatter([0] * sum(d == "auto" for d, _ in depths), [s for d, s in depths if d == "auto"],
-                              marker="*" if shape == "chain" else "P", s=140, color=color)
+                              marker=auto_marker, s=140, color=color,
+                              label=None if fixed or not depths else f"{name}, {shape} (auto)")
                 max_depth = max([max_depth, len(agreement)] + [d for d, _ in fixed])
     left.axhline(0.6, color="grey", lw=0.8, ls=":")
     left.axhline(0.4, color="grey", lw=0.8, ls=":")

@@ -13,8 +13,8 @@ doubled from 4 to 15, while the product padded to 16 rows cost about the 16-row 
 The fast kernel depends on the CPU, so it is *measured*, and measured the way a forward pass uses it:
 the first time a row count meets a group of weights (the model's linear layers), every candidate kernel
 runs over the whole group, a few interleaved times, and the fastest is kept for the rest of the process.
-Row counts share the choice of their power-of-two bucket (1, 2, 3-4, 5-8, 9-16), so a process measures
-at most five times; `measure_kernels` measures all five up front (benchmarks do, before timing).
+Row counts share the choice of their power-of-two bucket (1, 2, 3-4, 5-8, 9-16, 17-32, 33-64), so a process
+measures at most seven times; `measure_kernels` measures them all up front (benchmarks do, before timing).
 Timing one small weight over and over would keep it in the CPU cache and favour kernels that are slow
 on weights read from memory.
 
@@ -26,6 +26,7 @@ and speculative decoding both inside `fast_small_row_linear`, so the gain counts
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -36,7 +37,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 # Row counts above this use F.linear unmeasured: kernels are efficient there.
-MAX_FAST_ROWS = 16
+MAX_FAST_ROWS = 64  # batched verify passes (8 rows x a 6-token tree = 48) still gain 2x from packed weights here
 _PAD_ROWS = 16
 _SPLIT_ROWS = 3
 
@@ -72,31 +73,69 @@ def _split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 
 class PackedWeights:
-    """oneDNN's blocked copy of each weight, made on first use and reused while the weight is unchanged.
+    """oneDNN's blocked copy of each weight, made on first use and kept while the weight is unchanged.
 
     BLAS reorders ("packs") the weight matrix into its blocked layout inside every call; for a few rows that
     reorder costs as much as the product. oneDNN can keep the reordered copy (PyTorch's inductor does the same
     when it freezes a model for CPU), so a call only streams it. On this project's AMD EPYC a SmolLM2-135M
-    forward's linear layers then cost about the same for 1 to 6 rows. The copy costs memory: the size of the
-    weights again, freed with the weights or by `clear`; the kernel is not tried for a model whose copy would
-    take more than half the free memory (`packing_fits`). A copy is remade when its weight changes (in-place
-    updates bump the tensor's version; `.data` replacement changes its storage).
+    forward's linear layers then cost about the same for 1 to 6 rows. Packing all of SmolLM2 takes 1-2 s, so
+    copies outlive a `generate` call; they cost the weights' size again in memory, freed with the weights or
+    by `clear`, and the kernel is not tried for a model whose copies would not fit (`packing_fits`).
+
+    A stale copy would silently compute with old weights, so two checks guard it:
+
+    * every call compares the weight's storage, shape, dtype and version counter (in-place updates through
+      the parameter, e.g. an optimizer step or `load_state_dict`, bump the version; `.data = new` changes
+      the storage);
+    * every `fast_small_row_linear` block, on entry, also compares a sample of `FINGERPRINT_SAMPLES` entries
+      spread over the weight (`refresh`). Edits through `.data` (`weight.data += delta`, as PEFT's LoRA merge
+      does) bypass the version counter; a dense edit like a merge changes the sample. An edit through `.data`
+      that touches none of the sampled entries is not seen: call `clear()` after one.
     """
 
     BATCH_HINT = 8  # rows oneDNN blocks the copy for; measured fastest across 1-16 rows here
+    FINGERPRINT_SAMPLES = 4096
 
     def __init__(self):
-        self._copies = WeakIdKeyDictionary()  # by identity: tensors do not compare with ==
+        self._copies = WeakIdKeyDictionary()  # weight -> (stamp, fingerprint, copy); by identity, not ==
+
+    @staticmethod
+    def _stamp(weight: torch.Tensor) -> tuple:
+        version = None if weight.is_inference() else weight._version  # inference tensors have no version
+        return weight.untyped_storage().data_ptr(), weight.storage_offset(), tuple(weight.shape), weight.dtype, version
+
+    def _fingerprint(self, weight: torch.Tensor) -> torch.Tensor:
+        flat = weight.detach().reshape(-1)
+        return flat[:: max(1, flat.numel() // self.FINGERPRINT_SAMPLES)].clone()
 
     def get(self, weight: torch.Tensor) -> torch.Tensor:
-        """The packed copy of `weight` (2-D, CPU), made now if missing or stale."""
-        stamp = (weight.data_ptr(), weight._version, weight.dtype)
+        """The packed copy of `weight` (2-D, CPU), made now if missing or stale.
+
+        Args:
+            weight: an `nn.Linear` weight, float32 or bfloat16.
+
+        Returns:
+            The copy, in oneDNN's layout (an opaque tensor for `torch.ops.mkldnn._linear_pointwise`).
+        """
+        stamp = self._stamp(weight)
         entry = self._copies.get(weight)
         if entry is None or entry[0] != stamp:
             with torch.no_grad():
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), self.BATCH_HINT)
-            entry = self._copies[weight] = (stamp, packed)
-        return entry[1]
+            entry = self._copies[weight] = (stamp, self._fingerprint(weight), packed)
+        return entry[2]
+
+    def holds(self, weight: torch.Tensor) -> bool:
+        """Whether a copy of `weight` is kept now (fresh or not)."""
+        return weight in self._copies
+
+    def refresh(self, weights: Sequence[torch.Tensor]) -> None:
+        """Drop the copies of `weights` whose weight changed (stamp or sampled entries differ)."""
+        for weight in weights:
+            entry = self._copies.get(weight)
+            if entry is not None and (entry[0] != self._stamp(weight)
+                                      or not torch.equal(entry[1], self._fingerprint(weight))):
+                del self._copies[weight]
 
     def clear(self, weights: Sequence[torch.Tensor] | None = None) -> None:
         """Free the copies of `weights` (all copies by default)."""
@@ -111,37 +150,71 @@ PACKED_WEIGHTS = PackedWeights()
 
 
 def available_memory_bytes() -> int | None:
-    """Physical memory not in use now, in bytes (None where the OS does not say)."""
+    """Memory the process can still take, in bytes: the OS's estimate, capped by a cgroup limit if one is set.
+
+    Returns:
+        `MemAvailable` (free memory plus reclaimable page cache) or the room left under the cgroup (v2)
+        memory limit, whichever is smaller; None where neither can be read.
+    """
+    available = None
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, OSError, ValueError):
-        return None
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as handle:
+            limit = handle.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as handle:
+                room = int(limit) - int(handle.read().strip())
+            available = room if available is None else min(available, room)
+    except (OSError, ValueError):
+        pass
+    return available
 
 
 def packing_fits(weights: Sequence[torch.Tensor], share: float = 0.5) -> bool:
-    """Whether packed copies of `weights` fit in `share` of the free memory (a large model is not doubled)."""
-    free = available_memory_bytes()
-    return free is None or sum(w.numel() * w.element_size() for w in weights) <= share * free
+    """Whether packed copies of the `weights` not yet packed fit in `share` of the available memory.
+
+    Args:
+        weights: the weights a kernel would pack.
+        share: the largest share of `available_memory_bytes()` the new copies may take.
+
+    Returns:
+        True if they fit, or if the available memory is unknown.
+    """
+    available = available_memory_bytes()
+    needed = sum(w.numel() * w.element_size() for w in weights if not PACKED_WEIGHTS.holds(w))
+    return available is None or needed <= share * available
 
 
-ONEDNN_DTYPES = (torch.float32, torch.bfloat16)  # oneDNN refuses float64
+@functools.cache
+def onednn_dtypes() -> tuple[torch.dtype, ...]:
+    """Weight dtypes the packed kernel takes here: float32, and bfloat16 where the CPU has oneDNN's bf16 path."""
+    if not torch.backends.mkldnn.is_available():
+        return ()
+    return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
 
 
 def _onednn_packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    # oneDNN's inner product over a weight copy kept in its blocked layout (see `PackedWeights`).
-    if x.dtype not in ONEDNN_DTYPES:
+    # oneDNN's inner product over a weight copy kept in its blocked layout (see `PackedWeights`). It does not
+    # cast as autocast would, and refuses float64, so anything else takes the stock path.
+    if x.dtype != weight.dtype or x.dtype not in onednn_dtypes() or torch.is_autocast_enabled("cpu"):
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, PACKED_WEIGHTS.get(weight), bias, "none", [], "")
 
 
 CANDIDATES = {"linear": _linear, "transposed_mm": _transposed_mm, "even_transposed_mm": _even_transposed_mm,
               "padded": _padded, "split": _split}
-if torch.backends.mkldnn.is_available():
+if onednn_dtypes():
     CANDIDATES["onednn_packed"] = _onednn_packed
 
 
 def row_bucket(rows: int) -> int:
-    """The row count measured for `rows`: 1, 2, 4, 8 or 16 (the smallest power of two >= rows).
+    """The row count measured for `rows`: the smallest power of two >= rows (1, 2, 4, ..., 64).
 
     A speculative decoder meets many row counts (drafts, verify passes, heads catching up after a depth change);
     measuring each would cost about a second apiece, so row counts share the choice of their bucket.
@@ -185,10 +258,16 @@ class KernelChoice:
                 fn(inputs[module.in_features], module.weight, module.bias)
             return time.perf_counter() - start
 
-        packable = dtype in ONEDNN_DTYPES and packing_fits([m.weight for m in group.modules])
+        weights = [m.weight for m in group.modules]
+        packable = all(w.dtype == dtype for w in weights) and dtype in onednn_dtypes() and packing_fits(weights)
         candidates = {name: fn for name, fn in CANDIDATES.items() if name != "onednn_packed" or packable}
-        for fn in candidates.values():  # warm up every kernel once
-            run(fn)
+        for name, fn in list(candidates.items()):  # warm up every kernel once; one this CPU refuses drops out
+            try:
+                run(fn)
+            except RuntimeError:
+                del candidates[name]
+                if name == "onednn_packed":
+                    PACKED_WEIGHTS.clear(weights)
         best: dict[str, float] = {}
         for _ in range(self.repeats):
             for name, fn in candidates.items():
@@ -234,7 +313,7 @@ def _switched_linears(model: nn.Module) -> LinearGroup:
 @torch.no_grad()
 def measure_kernels(model: nn.Module, dtype: torch.dtype | None = None, choice: KernelChoice = DEFAULT_CHOICE
                     ) -> dict[int, str]:
-    """Measure the kernel of every row bucket (1, 2, 4, 8, 16) for `model`'s linear layers now.
+    """Measure the kernel of every row bucket (1, 2, 4, ..., `MAX_FAST_ROWS`) for `model`'s linear layers now.
 
     Decoding measures a bucket the first time it meets it (about a second each on SmolLM2-135M). A speculative decoder
     that changes depth meets new buckets mid-generation (heads catching up on the positions a shallower step left
@@ -255,7 +334,7 @@ def measure_kernels(model: nn.Module, dtype: torch.dtype | None = None, choice: 
     first = group.modules[0]
     dtype = dtype or first.weight.dtype
     chosen = {}
-    for rows in (1, 2, 4, 8, MAX_FAST_ROWS):
+    for rows in (1 << i for i in range(MAX_FAST_ROWS.bit_length())):
         kernel = choice.kernel(torch.empty(rows, first.in_features, dtype=dtype, device=first.weight.device), group)
         chosen[rows] = next(name for name, fn in CANDIDATES.items() if fn is kernel)
     return chosen
@@ -266,7 +345,8 @@ def fast_small_row_linear(model: nn.Module, choice: KernelChoice = DEFAULT_CHOIC
     """Run every `nn.Linear` inside `model` through the measured fastest kernel while the block runs.
 
     Only without autograd (decoding): under `torch.is_grad_enabled()` the layers keep `F.linear`. Nested uses are
-    harmless (modules already switched stay switched until the outer block ends).
+    harmless (modules already switched stay switched until the outer block ends). On entry, packed weight copies
+    whose weights changed since they were made are dropped (`PackedWeights.refresh`).
 
     Args:
         model: any module (the base model, a PeftModel...).
@@ -279,6 +359,7 @@ def fast_small_row_linear(model: nn.Module, choice: KernelChoice = DEFAULT_CHOIC
         ```
     """
     group = _switched_linears(model)
+    PACKED_WEIGHTS.refresh([m.weight for m in group.modules])  # weights edited since the last block repack
     for module in group.modules:
         module.forward = lambda x, module=module: fast_forward(module, x, group, choice)
     try:

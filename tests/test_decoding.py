@@ -61,7 +61,8 @@ def test_every_architecture(arch):
     # Position-wise heads with chains and trees (trees take a 4-D mask, and sliding windows where the model has
     # them), and the two head types built from the architecture's own decoder layers.
     ids, mask = padded_batch([4, 6], seed=2)
-    for head_type, tree in (("ffn", None), ("ffn", True), ("identical", None), ("sequential", None)):
+    for head_type, tree in (("ffn", None), ("ffn", True), ("identical", None), ("sequential", None),
+                            ("sequential", True)):
         model = heads_model(head_type, num_heads=2, arch=arch, seed=1)
         plain, ours, _ = greedy(model, ids, mask, max_new_tokens=12, eos_token_id=None, mtp_depth=2, mtp_tree=tree)
         assert torch.equal(plain, ours), (arch, head_type, tree)

@@ -119,11 +119,17 @@ def drafts_near_the_model(conditionals):
 
 
 def sample(model, temperature=TEMPERATURE, **kwargs):
+    """The first three new tokens of SAMPLES rows, and the call's statistics.
+
+    Four tokens are generated so that the first verify step has room for two drafts (the prefill emits one
+    token); the first three tokens' joint distribution is still exactly the model's.
+    """
     torch.manual_seed(1234)
     out = model.generate(torch.tensor([PROMPT]).expand(SAMPLES, -1), do_sample=True, temperature=temperature,
-                         top_k=TOP_K, max_new_tokens=3, eos_token_id=None, pad_token_id=PAD, mtp_depth=2,
+                         top_k=TOP_K, max_new_tokens=4, eos_token_id=None, pad_token_id=PAD, mtp_depth=2,
                          return_dict_in_generate=True, **kwargs)
-    return [tuple(row) for row in out.sequences[:, len(PROMPT):].tolist()], out.mtp_stats
+    assert out.mtp_stats.depth_steps.get(2, 0) > 0  # depth-2 drafts were verified
+    return [tuple(row[:3]) for row in out.sequences[:, len(PROMPT):].tolist()], out.mtp_stats
 
 
 @pytest.mark.parametrize("tree", [None, True], ids=["chain", "tree"])

@@ -15,7 +15,6 @@ from peft_mtp.fast_linear import (
     PACKED_WEIGHTS,
     KernelChoice,
     LinearGroup,
-    PackedWeights,
     fast_small_row_linear,
     measure_kernels,
     row_bucket,
@@ -61,14 +60,14 @@ def test_measure_kernels_fills_every_bucket_so_decoding_measures_nothing(monkeyp
     model = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 8))
     choice = KernelChoice(repeats=1)
     chosen = measure_kernels(model, choice=choice)
-    assert sorted(chosen) == [1, 2, 4, 8, 16] and set(chosen.values()) <= set(CANDIDATES)
-    assert len(choice.table) == 5
+    assert sorted(chosen) == [1, 2, 4, 8, 16, 32, 64] and set(chosen.values()) <= set(CANDIDATES)
+    assert len(choice.table) == 7
 
     def no_measuring(self, group, rows, dtype):
         raise AssertionError(f"measured {rows} rows again")
 
     monkeypatch.setattr(KernelChoice, "_measure", no_measuring)
-    inputs = [torch.randn(rows, 8) for rows in range(1, 17)]
+    inputs = [torch.randn(rows, 8) for rows in range(1, 65)]
     with torch.no_grad():
         expected = [model(x) for x in inputs]  # stock F.linear
         with fast_small_row_linear(model, choice):
@@ -77,31 +76,42 @@ def test_measure_kernels_fills_every_bucket_so_decoding_measures_nothing(monkeyp
 
 
 def test_row_buckets_are_powers_of_two():
-    assert [row_bucket(r) for r in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
-
+    assert [row_bucket(r) for r in (1, 2, 3, 4, 5, 8, 9, 16, 17, 64)] == [1, 2, 4, 4, 8, 8, 16, 16, 32, 64]
 
 
 needs_onednn = pytest.mark.skipif("onednn_packed" not in CANDIDATES, reason="this torch build has no oneDNN")
 
 
 @needs_onednn
-def test_packed_copies_follow_in_place_updates_and_replaced_data():
-    weights = PackedWeights()
-    weight, x = torch.randn(40, 24), torch.randn(3, 24)
-    first = weights.get(weight)
-    torch.testing.assert_close(CANDIDATES["onednn_packed"](x.double(), weight.double(), None),  # float64: stock path
-                               F.linear(x.double(), weight.double()))
-    assert weights.get(weight) is first  # reused while the weight is unchanged
-    weight.mul_(2.0)  # an optimizer step: same storage, new version
-    torch.testing.assert_close(CANDIDATES["onednn_packed"](x, weight, None), F.linear(x, weight))
-    assert weights.get(weight) is not first
-    layer = nn.Linear(24, 40)
-    expected = F.linear(x, layer.weight, layer.bias)
+def test_packed_copies_follow_changed_weights():
+    packed = CANDIDATES["onednn_packed"]
+    layer, x = nn.Linear(24, 40), torch.randn(3, 24)
+
+    def check():
+        torch.testing.assert_close(packed(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias))
+
     with torch.no_grad():
-        torch.testing.assert_close(CANDIDATES["onednn_packed"](x, layer.weight, layer.bias), expected)
+        check()
+        first = PACKED_WEIGHTS.get(layer.weight)
+        assert PACKED_WEIGHTS.get(layer.weight) is first  # reused while the weight is unchanged
+        layer.weight.mul_(2.0)  # an optimizer step: same storage, new version
+        check()
         layer.weight.data = torch.randn(40, 24)  # new storage
-        torch.testing.assert_close(CANDIDATES["onednn_packed"](x, layer.weight, layer.bias),
-                                   F.linear(x, layer.weight, layer.bias))
+        check()
+        layer.weight.data += 1.0  # a LoRA merge: bypasses the version counter...
+        PACKED_WEIGHTS.refresh([layer.weight])  # ...and is caught when a fast_small_row_linear block opens
+        check()
+        model = nn.Sequential(layer)
+        layer.weight.data -= 1.0
+        with fast_small_row_linear(model):
+            check()
+        torch.testing.assert_close(packed(x.double(), layer.weight.double(), None),  # float64: stock path
+                                   F.linear(x.double(), layer.weight.double()))
+    with torch.inference_mode():  # inference tensors have no version counter
+        frozen = torch.randn(40, 24)
+        torch.testing.assert_close(packed(x, frozen, None), F.linear(x, frozen))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts; the packed op would not
+        torch.testing.assert_close(packed(x, layer.weight, None), F.linear(x, layer.weight))
 
 
 @needs_onednn
@@ -116,14 +126,23 @@ def test_packed_copies_are_freed_when_no_bucket_chooses_them(monkeypatch):
         return run
 
     packed = CANDIDATES["onednn_packed"]
-    for candidates, kept in (({"linear": CANDIDATES["linear"], "onednn_packed": slow(packed)}, False),
-                             ({"linear": slow(CANDIDATES["linear"]), "onednn_packed": packed}, True)):
+    loses = {"linear": CANDIDATES["linear"], "onednn_packed": slow(packed)}
+    wins = {"linear": slow(CANDIDATES["linear"]), "onednn_packed": packed}
+    for candidates, kept in ((loses, False), (wins, True)):
         PACKED_WEIGHTS.clear()
         monkeypatch.setattr(fast_linear, "CANDIDATES", candidates)
         with torch.no_grad():
             kernel = KernelChoice(repeats=1).kernel(torch.empty(2, 8), group)
         assert (kernel is packed) is kept
-        assert (model[0].weight in PACKED_WEIGHTS._copies) is kept  # measuring packed it; freed unless chosen
+        assert PACKED_WEIGHTS.holds(model[0].weight) is kept  # measuring packed it; freed unless chosen
+    # Chosen for one bucket, losing in another: the copies stay for the bucket that reads them.
+    choice = KernelChoice(repeats=1)
+    with torch.no_grad():
+        monkeypatch.setattr(fast_linear, "CANDIDATES", wins)
+        assert choice.kernel(torch.empty(4, 8), group) is packed
+        monkeypatch.setattr(fast_linear, "CANDIDATES", loses)
+        assert choice.kernel(torch.empty(2, 8), group) is not packed
+    assert PACKED_WEIGHTS.holds(model[0].weight)
 
 
 @needs_onednn
@@ -132,9 +151,10 @@ def test_weights_too_large_for_free_memory_are_not_packed(monkeypatch):
     PACKED_WEIGHTS.clear()
     monkeypatch.setattr(fast_linear, "available_memory_bytes", lambda: 100)  # bytes: less than the weights
     measured = []
-    monkeypatch.setitem(fast_linear.CANDIDATES, "onednn_packed", lambda x, w, b: measured.append(1) or F.linear(x, w, b))
+    monkeypatch.setitem(fast_linear.CANDIDATES, "onednn_packed",
+                        lambda x, w, b: measured.append(1) or F.linear(x, w, b))
     with torch.no_grad():
         KernelChoice(repeats=1).kernel(torch.empty(4, 8), LinearGroup([model[0], model[2]]))
-    assert not measured and len(PACKED_WEIGHTS._copies) == 0
+    assert not measured and not PACKED_WEIGHTS.holds(model[0].weight)
     monkeypatch.setattr(fast_linear, "available_memory_bytes", lambda: None)  # unknown: allowed
     assert fast_linear.packing_fits([model[0].weight])

@@ -283,7 +283,11 @@ class SpeculativeDecoder:
         self.controller.record(depth, accepted_list, time.perf_counter() - step_start)
 
     def _draft(self, tree: DraftTree, depth: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Node tokens `(R, N)` (root first) and, for sampled chains, the draft distributions `(R, depth, V)`."""
+        """Node tokens `(R, N)` (root first) and, for sampled chains, the draft distributions `(R, depth, V)`.
+
+        Tree candidates are each head's top-k; `sequential` heads rank depth k's after the best drafts of
+        depths 1..k-1 (their trees branch on that chain only).
+        """
         root = self.root
         if depth == 0:
             return root[:, None], None

@@ -96,6 +96,9 @@ class SpeculationOptions:
             depth: heads to draft with.
             sequential: the heads are `sequential` (a chain: only the best drafts may have children).
 
+        Returns:
+            The paths (see `peft_mtp.decoding.tree`); `chain_paths(depth)` without a tree.
+
         Raises:
             ValueError: `sequential` heads and a tree that branches off the chain of best drafts.
         """

@@ -81,7 +81,7 @@ def check_branches_on_best_chain(paths: Sequence[Path]) -> None:
         ValueError: a path extends a candidate of rank > 0, naming the path and the fix.
     """
     for path in paths:
-        if any(rank != 0 for rank in path[:-1]):
+        if any(isinstance(rank, int) and rank > 0 for rank in path[:-1]):  # bad ranks: `from_paths` says so
             raise ValueError(
                 f"`mtp_tree` path {tuple(path)} extends a runner-up candidate, but `sequential` heads rank "
                 "depth k's candidates only after the best drafts of depths 1..k-1 (each depth reads the previous "
