@@ -103,6 +103,8 @@ def main(args: argparse.Namespace) -> None:
         with open(os.path.join(args.output_dir, "result.json"), "w") as handle:
             json.dump({"losses": losses, "world_size": world_size, "wrapper": type(model).__name__}, handle, indent=1)
     if distributed:
+        # Wait for rank 0's save: a rank tearing gloo down while its peer still runs can abort the launch.
+        dist.barrier()
         dist.destroy_process_group()
 
 
