@@ -278,7 +278,7 @@ class KernelChoice:
             name == "onednn_packed" for key, name in self.table.items() if key[0] == group.key
         )
         if not uses_packed:  # the warm-up packed every weight; keep that memory only for a kernel that reads it
-            PACKED_WEIGHTS.clear([m.weight for m in group.modules])
+            PACKED_WEIGHTS.clear(weights)
         return fastest
 
 

@@ -291,8 +291,9 @@ def warmup_heads(
                                   layer_kwargs=batch.layer_kwargs, embed=trunk.embed)
             with autocast:  # the forward and the loss only: backward reuses the dtypes autocast chose (torch's advice)
                 head_hidden = heads(batch.hidden, context)  # (B, T, K, H)
+                target_source = "soft" if soft else "labels" if batch.argmax_labels else None
                 result = tuner.compute_mtp_loss(head_hidden, batch.labels, trunk_hidden=batch.hidden,
-                                                target_source="soft" if soft else "labels" if batch.argmax_labels else None)
+                                                target_source=target_source)
             loss = result.loss
             loss.backward()
             losses += result.head_loss_sums.float().cpu()
