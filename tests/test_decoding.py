@@ -83,7 +83,8 @@ def test_drafts_that_are_always_wrong_cost_correctness_nothing():
                            pad_token_id=PAD, mtp_speculate=False)
     for tree in (None, True):
         with forced_drafts(plain, quality={0: False, 1: False}):
-            _, ours, stats = greedy(model, ids, mask, max_new_tokens=16, eos_token_id=None, mtp_depth=3, mtp_tree=tree)
+            _, ours, stats = greedy(model, ids, mask, max_new_tokens=16, eos_token_id=None, mtp_depth=3, mtp_tree=tree,
+                                    mtp_lookup=0)  # the heads' drafts alone
         assert torch.equal(plain, ours)
         assert stats.acceptance_rate == [0.0, 0.0, 0.0]
         assert stats.tokens_per_step == 1.0
@@ -123,15 +124,16 @@ def test_matches_reference_loop(head_type, tree):
     assert [step[0][1] for step in out.mtp_stats.trace] == accepted
 
 
-def test_batched_rows_match_the_reference_row_by_row():
+@pytest.mark.parametrize("lookup", [0, 10])
+def test_batched_rows_match_the_reference_row_by_row(lookup):
     model = heads_model("mha_ffn", seed=6, noise=0.03)
     lengths = [3, 8, 5]
     ids, mask = padded_batch(lengths, seed=6)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=15, do_sample=False, eos_token_id=None,
-                         pad_token_id=PAD, mtp_depth=2, mtp_trace=True, return_dict_in_generate=True)
+                         pad_token_id=PAD, mtp_depth=2, mtp_lookup=lookup, mtp_trace=True, return_dict_in_generate=True)
     for row, length in enumerate(lengths):
         prompt = ids[row, ids.shape[1] - length:].tolist()
-        tokens, accepted = reference_generate(model.base_model, prompt, 15, depth=2)
+        tokens, accepted = reference_generate(model.base_model, prompt, 15, depth=2, lookup=lookup)
         assert out.sequences[row, ids.shape[1]:].tolist() == tokens
         assert [a for step in out.mtp_stats.trace for r, a in step if r == row] == accepted
 
@@ -349,17 +351,17 @@ def test_sequential_tree_drafts_accept_runner_ups_and_keep_the_heads_in_step(mon
     """Runner-up candidates get accepted, and the heads' state after them matches the reference loop's."""
     model = heads_model("sequential", seed=20, dtype=torch.float64, noise=0.03)
     accepted_nodes = []
-    original = DraftTree.accept
+    original = DraftTree.accept_by_source
 
-    def accept(self, tokens, choices):
-        node = original(self, tokens, choices)
-        accepted_nodes.extend(self.paths[i] for i in node.tolist())
-        return node
+    def accept(self, tokens, choices, lookup_counts=None):
+        result = original(self, tokens, choices, lookup_counts)
+        accepted_nodes.extend(self.paths[i] for i in result[0].tolist())
+        return result
 
-    monkeypatch.setattr(DraftTree, "accept", accept)
+    monkeypatch.setattr(DraftTree, "accept_by_source", accept)
     for prompt in ([11, 42, 7, 99, 5, 63, 18], [3, 1, 4, 1, 5, 9, 2, 6]):
         out = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
-                             mtp_depth=3, mtp_tree=True, mtp_trace=True, return_dict_in_generate=True)
+                             mtp_depth=3, mtp_tree=True, mtp_lookup=0, mtp_trace=True, return_dict_in_generate=True)
         tokens, accepted = reference_generate(model.base_model, prompt, 24, depth=3,
                                               tree=default_chain_tree_paths(3))
         assert out.sequences[0, len(prompt):].tolist() == tokens

@@ -28,6 +28,7 @@ from ..fast_linear import fast_small_row_linear
 from .acceptance import sample, speculative_sample_chain
 from .drafter import HeadDrafter
 from .layout import additive_mask, apply_keep, chunk_attention_mask, plan_keep, select_rows
+from .lookup import prompt_lookup
 from .options import DepthController, DraftShapes, SpeculationOptions
 from .stats import SpeculationStats
 from .tree import DraftTree
@@ -173,6 +174,7 @@ class SpeculativeDecoder:
         self.stats = SpeculationStats(num_heads=num_heads, trace=[] if options.trace else None)
         if not self.shapes.is_chain:
             _check_tree_attention(model)
+        self.lookup_tokens = options.lookup_tokens(_takes_tree_masks(model))
 
     # ------------------------------------------------------------------------------------------
 
@@ -238,8 +240,13 @@ class SpeculativeDecoder:
         step_start = tick = time.perf_counter()
         depth = self.controller.choose()
         depth = max(0, min(depth, int(self._room().max()) - 1))  # no drafts past the last allowed token
-        tree = self.shapes.tree(depth).to(self.rows.device)
-        tokens, draft_probs = self._draft(tree, depth)  # (R, N) node tokens, root first
+        head_tree = self.shapes.tree(depth).to(self.rows.device)
+        tokens, draft_probs = self._draft(head_tree, depth)  # (R, N) node tokens, root first
+        lookup, lookup_counts = self._lookup()
+        tree = head_tree
+        if lookup_counts is not None:
+            tree = self.shapes.tree(depth, int(lookup_counts.max())).to(self.rows.device)
+            tokens = torch.cat([tokens, lookup[:, : tree.lookup_length]], dim=1)
         self.stats.draft_time_s += time.perf_counter() - tick
 
         verify_start = time.perf_counter()
@@ -247,20 +254,23 @@ class SpeculativeDecoder:
         scores = self._process_nodes(logits, tokens, tree)
         if self.do_sample and tree.is_chain and draft_probs is not None:
             accepted, bonus = speculative_sample_chain(scores, draft_probs, tokens[:, 1:])
-            node = accepted
+            node, head_accepted = accepted, accepted
         else:
             choices = sample(scores) if self.do_sample else scores.argmax(dim=-1)  # (R, N)
-            node = tree.accept(tokens, choices)
+            node, head_accepted, lookup_accepted = tree.accept_by_source(tokens, choices, lookup_counts)
             bonus = choices.gather(1, node[:, None])[:, 0]
         path, keep = tree.path_to(node)  # (R, D + 1), (R,): the accepted nodes, root first
         emitted = torch.cat([tokens.gather(1, path)[:, 1:], bonus[:, None]], dim=1)  # (R, D + 1)
         # `emitted[r, :keep[r]]` are the new tokens: the accepted drafts, then the model's own next token.
         emitted = torch.where(torch.arange(emitted.shape[1], device=emitted.device)[None] == (keep - 1)[:, None],
                               bonus[:, None], emitted)
-        accepted_list = (keep - 1).tolist()
-        self.stats.record_step(depth, accepted_list)
+        # The heads' statistics and the depth controller count the heads' own drafts, whichever branch won.
+        head_list = head_accepted.tolist()
+        self.stats.record_step(depth, head_list)
+        if lookup_counts is not None:
+            self.stats.record_lookup(lookup_counts.tolist(), head_list, lookup_accepted.tolist())
         if self.stats.trace is not None:
-            self.stats.trace.append(list(zip(self.rows.tolist(), accepted_list)))
+            self.stats.trace.append(list(zip(self.rows.tolist(), (keep - 1).tolist())))
         self._emit(emitted, keep)
 
         # Roll the cache back to the accepted path; the next step feeds `bonus`.
@@ -280,7 +290,25 @@ class SpeculativeDecoder:
             tick = time.perf_counter()
             self.drafter.observe(_select(kept_hidden, keep_rows), _select(kept_valid, keep_rows))
             self.stats.draft_time_s += time.perf_counter() - tick
-        self.controller.record(depth, accepted_list, time.perf_counter() - step_start)
+        self.controller.record(depth, head_list, time.perf_counter() - step_start)
+
+    def _lookup(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Prompt-lookup drafts of the active rows `(R, L)` and their counts `(R,)`; `(None, None)` for none.
+
+        The match runs over each row's verified tokens and the root (the last emitted token), so the
+        drafts continue after the root, as the heads' do. No row drafts past its last allowed token.
+        """
+        room = self._room() - 1
+        num_tokens = min(self.lookup_tokens, int(room.max()))
+        if num_tokens <= 0:
+            return None, None
+        lengths = self.lengths[self.rows]
+        drafts, counts = prompt_lookup(self.sequences[:, : int(lengths.max())][self.rows], self.left_pad[self.rows],
+                                       lengths, num_tokens, max_ngram=self.options.lookup_ngram)
+        counts = torch.minimum(counts, room.clamp(min=0))
+        if not bool(counts.any()):
+            return None, None
+        return drafts, counts
 
     def _draft(self, tree: DraftTree, depth: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Node tokens `(R, N)` (root first) and, for sampled chains, the draft distributions `(R, depth, V)`.
@@ -532,10 +560,15 @@ def _check_tree_width(tree: DraftTree, heads, vocab_size: int) -> None:
             )
 
 
+def _takes_tree_masks(model) -> bool:
+    """Whether the model's attention takes the additive 4-D mask a tree verify pass gives it."""
+    return getattr(model.config, "_attn_implementation", None) in ("eager", "sdpa")
+
+
 def _check_tree_attention(model) -> None:
     """Refuse tree drafts where a custom 4-D mask would be ignored or misread."""
     implementation = getattr(model.config, "_attn_implementation", None)
-    if implementation not in ("eager", "sdpa"):
+    if not _takes_tree_masks(model):
         raise ValueError(
             f"Tree drafts pass a 4-D attention mask, which transformers' {implementation!r} attention does not take; "
             "load the model with attn_implementation='sdpa' or 'eager', or use `mtp_tree=None`."

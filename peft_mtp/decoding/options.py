@@ -16,7 +16,13 @@ from .tree import (
 )
 
 # The `generate` keyword arguments this package reads (and removes before transformers sees them).
-OPTION_KWARGS = ("mtp_speculate", "mtp_depth", "mtp_tree", "mtp_trace", "mtp_fast_linear")
+OPTION_KWARGS = ("mtp_speculate", "mtp_depth", "mtp_tree", "mtp_lookup", "mtp_lookup_ngram", "mtp_trace",
+                 "mtp_fast_linear")
+
+# Prompt-lookup drafts per step by default, and the longest n-gram matched (transformers' default
+# `prompt_lookup_num_tokens` is 10 in its docs' examples; a 3-gram matched best on the main job's answers).
+DEFAULT_LOOKUP_TOKENS = 10
+DEFAULT_LOOKUP_NGRAM = 3
 
 
 @dataclass
@@ -34,6 +40,13 @@ class SpeculationOptions:
             `default_chain_tree_paths` for `sequential` heads, whose trees branch on the best chain
             only); a list of paths gives the tree's shape (see `peft_mtp.decoding.tree`). With
             `"auto"` depth, the tree is cut at the chosen depth.
+        lookup (`int` or `None`, defaults to `None`): `mtp_lookup`. Prompt-lookup drafts per step,
+            verified in the same pass as the heads' drafts as one more branch of the draft tree
+            (`peft_mtp.decoding.lookup`): the step keeps whichever branch the model agrees with
+            longer. 0 turns it off; None uses 10 where the model's attention takes the tree mask
+            this needs (eager or SDPA) and 0 elsewhere.
+        lookup_ngram (`int`, defaults to 3): `mtp_lookup_ngram`. Longest n-gram the lookup matches
+            (it tries n-grams down to 1 token).
         trace (`bool`, defaults to `False`): `mtp_trace`. Record, per verify pass, how many drafts
             each row accepted (`output.mtp_stats.trace`).
         fast_linear (`bool`, defaults to `True`): `mtp_fast_linear`. On CPU, run the model's and the
@@ -44,6 +57,8 @@ class SpeculationOptions:
     speculate: bool = True
     depth: int | str = "auto"
     tree: None | bool | list = None
+    lookup: int | None = None
+    lookup_ngram: int = DEFAULT_LOOKUP_NGRAM
     trace: bool = False
     fast_linear: bool = True
 
@@ -58,6 +73,8 @@ class SpeculationOptions:
             speculate=kwargs.pop("mtp_speculate", True),
             depth=kwargs.pop("mtp_depth", "auto"),
             tree=kwargs.pop("mtp_tree", None),
+            lookup=kwargs.pop("mtp_lookup", None),
+            lookup_ngram=kwargs.pop("mtp_lookup_ngram", DEFAULT_LOOKUP_NGRAM),
             trace=kwargs.pop("mtp_trace", False),
             fast_linear=kwargs.pop("mtp_fast_linear", True),
         )
@@ -67,6 +84,14 @@ class SpeculationOptions:
         depth = options.depth
         if not (depth == "auto" or (isinstance(depth, int) and not isinstance(depth, bool) and depth >= 0)):
             raise ValueError(f"`mtp_depth` must be an integer >= 0 (drafts per step) or 'auto', got {depth!r}.")
+        lookup = options.lookup
+        if not (lookup is None or (isinstance(lookup, int) and not isinstance(lookup, bool) and lookup >= 0)):
+            raise ValueError(f"`mtp_lookup` must be an integer >= 0 (prompt-lookup drafts per step; 0 = off) or None "
+                             f"(the default), got {lookup!r}.")
+        ngram = options.lookup_ngram
+        if not (isinstance(ngram, int) and not isinstance(ngram, bool) and ngram >= 1):
+            raise ValueError(f"`mtp_lookup_ngram` must be an integer >= 1 (the longest n-gram to match), "
+                             f"got {ngram!r}.")
         if not (options.tree is None or isinstance(options.tree, (bool, list, tuple))):
             raise ValueError(
                 f"`mtp_tree` must be None (chain), True (default tree) or a list of paths such as "
@@ -88,6 +113,21 @@ class SpeculationOptions:
                 )
             return self.depth
         return num_heads
+
+    def lookup_tokens(self, tree_masks_supported: bool) -> int:
+        """Prompt-lookup drafts per step for a model whose attention does (or does not) take tree masks.
+
+        Raises:
+            ValueError: `mtp_lookup` was set above 0 for a model whose attention cannot verify it.
+        """
+        if self.lookup is None:
+            return DEFAULT_LOOKUP_TOKENS if tree_masks_supported else 0
+        if self.lookup and not tree_masks_supported:
+            raise ValueError(
+                "`mtp_lookup` drafts are verified as a branch of a draft tree, which needs a 4-D attention mask; load "
+                "the model with attn_implementation='sdpa' or 'eager', or pass `mtp_lookup=0`."
+            )
+        return self.lookup
 
     def tree_paths(self, depth: int, sequential: bool = False) -> list[Path]:
         """The full draft shape (before any cut by the automatic depth) for `depth` heads.
@@ -123,16 +163,18 @@ class DraftShapes:
     """
 
     def __init__(self, paths: list[Path], max_depth: int):
-        self.trees: dict[int, DraftTree] = {}
+        self.trees: dict[tuple[int, int], DraftTree] = {}
         full = DraftTree.from_paths(paths, max_depth)
         self.max_depth = full.depth
         for depth in range(self.max_depth + 1):
-            self.trees[depth] = DraftTree.from_paths([p for p in paths if len(p) <= depth], max_depth)
+            self.trees[depth, 0] = DraftTree.from_paths([p for p in paths if len(p) <= depth], max_depth)
         self.is_chain = full.is_chain
 
-    def tree(self, depth: int) -> DraftTree:
-        """The tree cut at `depth` (depth 0: the root only)."""
-        return self.trees[depth]
+    def tree(self, depth: int, lookup: int = 0) -> DraftTree:
+        """The tree cut at `depth` (depth 0: the root only), with a lookup branch of `lookup` nodes."""
+        if (depth, lookup) not in self.trees:
+            self.trees[depth, lookup] = self.trees[depth, 0].with_lookup(lookup)
+        return self.trees[depth, lookup]
 
 
 class DepthController:

@@ -25,6 +25,8 @@ def reference_generate(
     depth: int,
     tree: list[tuple[int, ...]] | None = None,
     eos_token_id: int | list[int] | None = None,
+    lookup: int = 0,
+    lookup_ngram: int = 3,
 ) -> tuple[list[int], list[int]]:
     """Greedy speculative decoding of one unpadded prompt, the slow and obvious way.
 
@@ -35,6 +37,8 @@ def reference_generate(
         depth: drafts per step (0..K).
         tree: the draft tree as a list of paths (None: a chain of `depth` drafts).
         eos_token_id: token id(s) that end the generation.
+        lookup: prompt-lookup drafts per step (0: none), verified beside the heads' drafts.
+        lookup_ngram: the longest n-gram the lookup matches.
 
     Returns:
         The generated ids (without the prompt), and how many drafts each step accepted.
@@ -59,13 +63,22 @@ def reference_generate(
             ranked = head_logits[0, last, k - 1].argsort(descending=True).tolist()
             candidates.append(ranked)
             chain.append(ranked[0])
+        # 1b. Prompt lookup: what followed the first earlier occurrence of the last n tokens (longest n first).
+        copied = []
+        room = max_new_tokens - (len(ids) - len(prompt)) - 1
+        for n in range(lookup_ngram, 0, -1) if lookup and room > 0 else ():
+            starts = [i for i in range(len(ids) - n) if ids[i : i + n] == ids[len(ids) - n :]]
+            if starts:
+                copied = ids[starts[0] + n :][: min(lookup, room)]
+                break
         # 2. Verify: what the model itself would emit next, one token at a time.
         greedy = []
-        for _ in range(step_depth + 1):
+        for _ in range(max(step_depth, len(copied)) + 1):
             greedy.append(next_token(ids + greedy))
-        # 3. Accept the deepest tree path whose candidates are the model's own tokens, then its next token.
+        # 3. Accept the deepest tree path (or lookup prefix) made of the model's own tokens, then its next token.
         accepted = max([len(p) for p in paths if len(p) <= step_depth
                         and [candidates[k][r] for k, r in enumerate(p)] == greedy[: len(p)]], default=0)
+        accepted = max([accepted] + [a for a in range(1, len(copied) + 1) if copied[:a] == greedy[:a]])
         new = greedy[: accepted + 1]
         # 4. Stop at eos or at the token budget, even in the middle of the accepted drafts.
         for i, token in enumerate(new):

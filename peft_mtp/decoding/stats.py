@@ -21,6 +21,9 @@ class SpeculationStats:
         reached: per head k, row-steps in which draft k was verified and drafts 1..k-1 were all accepted.
         accepted: per head k, row-steps in which drafts 1..k were all accepted.
         depth_steps: verify passes per draft depth used (`{depth: count}`).
+        lookup_proposed: row-steps in which a prompt-lookup branch was verified (`mtp_lookup`).
+        lookup_won: row-steps whose emitted drafts came from the lookup branch (it beat the heads' drafts).
+        lookup_tokens: drafts emitted from the lookup branch in those row-steps.
         wall_time_s: time of the whole call (prefill included).
         prefill_time_s: time of the prefill pass.
         draft_time_s: time spent in the heads (drafting), prefill excluded.
@@ -39,6 +42,9 @@ class SpeculationStats:
     reached: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
     depth_steps: dict[int, int] = field(default_factory=dict)
+    lookup_proposed: int = 0
+    lookup_won: int = 0
+    lookup_tokens: int = 0
     wall_time_s: float = 0.0
     prefill_time_s: float = 0.0
     draft_time_s: float = 0.0
@@ -66,9 +72,17 @@ class SpeculationStats:
                 if count > k:
                     self.accepted[k] += 1
 
+    def record_lookup(self, proposed: list[int], head_accepted: list[int], lookup_accepted: list[int]) -> None:
+        """Count one verify pass's lookup branch: per row its drafts, and how deep the heads and the branch got."""
+        for count, heads, lookup in zip(proposed, head_accepted, lookup_accepted):
+            self.lookup_proposed += count > 0
+            if lookup > heads:
+                self.lookup_won += 1
+                self.lookup_tokens += lookup
+
     @property
     def tokens_per_step(self) -> float:
-        """Mean tokens a row gains per verify pass (1 = no draft accepted; 1 + depth at most)."""
+        """Mean tokens a row gains per verify pass (1 = no draft accepted; 1 + the deepest branch at most)."""
         if not self.row_steps:
             return 0.0
         return (self.new_tokens - self.prefill_tokens) / self.row_steps
@@ -101,6 +115,9 @@ class SpeculationStats:
             "draft_time_s": round(self.draft_time_s, 4),
             "verify_time_s": round(self.verify_time_s, 4),
             "depth_steps": dict(sorted(self.depth_steps.items())),
+            "lookup_proposed": self.lookup_proposed,
+            "lookup_won": self.lookup_won,
+            "lookup_tokens": self.lookup_tokens,
         }
         for k, (rate, conditional) in enumerate(zip(self.acceptance_rate, self.conditional_acceptance_rate), start=1):
             summary[f"head{k}_acceptance"] = round(rate, 4)

@@ -9,6 +9,10 @@ of depth m is the tree `[(0,), (0, 0), ..., (0,) * m]`.
 Nodes are numbered root first, then by depth, then by path, so a parent always comes before its
 children: the verify pass can feed them in this order with a mask that lets each node read its
 ancestors only.
+
+A tree can also carry a lookup branch (`DraftTree.with_lookup`): a chain of tokens under the root
+that come from elsewhere than the heads (prompt lookup, `lookup.py`). Its nodes come after the
+heads' nodes; their paths use the rank `LOOKUP` (-1) at every depth.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from dataclasses import dataclass
 import torch
 
 Path = tuple[int, ...]
+
+# The rank in the paths of lookup-branch nodes (never a head's candidate rank, which is >= 0).
+LOOKUP = -1
 
 
 def chain_paths(depth: int) -> list[Path]:
@@ -103,6 +110,7 @@ class DraftTree:
             node i may read during verification.
         topk: `(D,)` number of candidates needed from head k (k = 1..D), `topk[k-1]`.
         is_chain: whether the tree is a single chain (verified with the model's own causal mask).
+        lookup_length: nodes of the lookup branch (the last `lookup_length` nodes; 0 without one).
     """
 
     paths: list[Path]
@@ -112,6 +120,7 @@ class DraftTree:
     ancestor_mask: torch.Tensor
     topk: list[int]
     is_chain: bool
+    lookup_length: int = 0
 
     @property
     def num_nodes(self) -> int:
@@ -120,8 +129,13 @@ class DraftTree:
 
     @property
     def depth(self) -> int:
-        """Depth of the deepest node (the number of heads the tree drafts with)."""
+        """Depth of the deepest head node (the number of heads the tree drafts with)."""
         return len(self.topk)
+
+    @property
+    def max_node_depth(self) -> int:
+        """Depth of the deepest node, lookup branch included (most drafts one step can accept)."""
+        return max(self.depth, self.lookup_length)
 
     @classmethod
     def from_paths(cls, paths: Sequence[Sequence[int]], max_depth: int) -> DraftTree:
@@ -162,7 +176,24 @@ class DraftTree:
             if len(path) > 1 and path[:-1] not in present:
                 raise ValueError(f"`mtp_tree` path {path} lacks its parent {path[:-1]}; add it to the list.")
 
-        ordered: list[Path] = [()] + sorted(normalised, key=lambda p: (len(p), p))
+        return cls._build([()] + sorted(normalised, key=lambda p: (len(p), p)))
+
+    def with_lookup(self, length: int) -> DraftTree:
+        """This tree with a lookup branch of `length` nodes (a chain under the root) after its own nodes.
+
+        Args:
+            length: tokens the branch holds (>= 0; 0 gives this tree back).
+
+        Returns:
+            The new `DraftTree`; its last `length` nodes are the branch, at depths 1..length.
+        """
+        if length <= 0:
+            return self
+        return self._build(self.paths + [(LOOKUP,) * d for d in range(1, length + 1)], lookup_length=length)
+
+    @classmethod
+    def _build(cls, ordered: list[Path], lookup_length: int = 0) -> DraftTree:
+        """The tensors of a tree whose paths are already in node order (root first, parents before children)."""
         index = {path: i for i, path in enumerate(ordered)}
         n = len(ordered)
         parents = torch.tensor([-1] + [index[p[:-1]] for p in ordered[1:]], dtype=torch.long)
@@ -172,30 +203,36 @@ class DraftTree:
         for i, path in enumerate(ordered):
             for d in range(len(path) + 1):
                 ancestor_mask[i, index[path[:d]]] = True
-        depth = int(depths.max())  # 0 for the root alone (no drafts)
-        topk = [int(ranks[depths == d].max()) + 1 for d in range(1, depth + 1)]
-        is_chain = all(path == (0,) * len(path) for path in ordered) and n == depth + 1
-        return cls(ordered, depths, parents, ranks, ancestor_mask, topk, is_chain)
+        head_depths = depths[ranks >= 0]  # the root and the heads' nodes
+        depth = int(head_depths.max())  # 0 for the root alone (no drafts)
+        topk = [int(ranks[(depths == d) & (ranks >= 0)].max()) + 1 for d in range(1, depth + 1)]
+        # One node per depth is a chain (each node's parent sits one depth up); a heads' chain drafts top candidates.
+        is_chain = n == int(depths.max()) + 1 and all(rank in (0, LOOKUP) for rank in ranks.tolist())
+        return cls(ordered, depths, parents, ranks, ancestor_mask, topk, is_chain, lookup_length)
 
     def to(self, device: torch.device) -> DraftTree:
         """The same tree with its tensors on `device`."""
         return DraftTree(self.paths, self.depths.to(device), self.parents.to(device), self.ranks.to(device),
-                         self.ancestor_mask.to(device), self.topk, self.is_chain)
+                         self.ancestor_mask.to(device), self.topk, self.is_chain, self.lookup_length)
 
-    def node_tokens(self, root: torch.Tensor, candidates: list[torch.Tensor]) -> torch.Tensor:
+    def node_tokens(self, root: torch.Tensor, candidates: list[torch.Tensor],
+                    lookup: torch.Tensor | None = None) -> torch.Tensor:
         """The token of every node, per row.
 
         Args:
             root: `(B,)` the root token (the model's own choice, already verified).
             candidates: for each depth k = 1..D, `(B, topk[k-1])` head k's candidates, best first.
+            lookup: `(B, >= lookup_length)` the lookup branch's tokens, when the tree has one.
 
         Returns:
             `(B, N)` token ids in node order.
         """
         columns = [root[:, None]]
-        for i in range(1, self.num_nodes):
+        for i in range(1, self.num_nodes - self.lookup_length):
             d, r = int(self.depths[i]), int(self.ranks[i])
             columns.append(candidates[d - 1][:, r : r + 1])
+        if self.lookup_length:
+            columns.append(lookup[:, : self.lookup_length])
         return torch.cat(columns, dim=1)
 
     def accept(self, tokens: torch.Tensor, choices: torch.Tensor) -> torch.Tensor:
@@ -203,27 +240,62 @@ class DraftTree:
 
         Node i is accepted when its parent is accepted and its token is what the model chose at its
         parent (`choices[:, parent]`: the argmax for greedy, a fresh sample for sampling). The root is
-        always accepted. Sibling candidates are distinct tokens, so at most one node per depth is
-        accepted and the accepted nodes form one path.
+        always accepted. The heads' sibling candidates are distinct tokens; a lookup branch may repeat
+        one of them, and then either accepted path holds the model's own tokens.
 
         Args:
             tokens: `(B, N)` node tokens (`node_tokens`).
             choices: `(B, N)` the model's choice of the token after each node.
 
         Returns:
-            `(B,)` index of the deepest accepted node of each row.
+            `(B,)` index of the deepest accepted node of each row (the first in node order on a tie).
         """
+        return self.accepted_depth(self._accepted(tokens, choices))[0]
+
+    def accepted_depth(self, accepted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The deepest accepted node, and how deep the heads' nodes and the lookup branch each got.
+
+        Args:
+            accepted: `(B, N)` bool, which nodes are accepted (`_accepted`).
+
+        Returns:
+            `(B,)` deepest accepted node, `(B,)` depth of the deepest accepted head node, and `(B,)` that of the
+            deepest accepted lookup node (0 where none, or without a lookup branch).
+        """
+        depth_of_accepted = torch.where(accepted, self.depths[None, :], -1)
+        heads = self.num_nodes - self.lookup_length
+        head_depth = depth_of_accepted[:, :heads].amax(dim=1)
+        lookup_depth = depth_of_accepted[:, heads:].amax(dim=1).clamp(min=0) if self.lookup_length else \
+            torch.zeros_like(head_depth)
+        return depth_of_accepted.argmax(dim=1), head_depth, lookup_depth
+
+    def accept_by_source(self, tokens: torch.Tensor, choices: torch.Tensor, lookup_counts: torch.Tensor | None = None):
+        """`accept`, with the depths the heads' nodes and the lookup branch reached (see `accepted_depth`).
+
+        Args:
+            tokens: `(B, N)` node tokens.
+            choices: `(B, N)` the model's choice of the token after each node.
+            lookup_counts: `(B,)` lookup drafts each row really has; its branch nodes past that hold filler and
+                are never accepted (default: all of them are drafts).
+        """
+        return self.accepted_depth(self._accepted(tokens, choices, lookup_counts))
+
+    def _accepted(self, tokens: torch.Tensor, choices: torch.Tensor,
+                  lookup_counts: torch.Tensor | None = None) -> torch.Tensor:
+        """`(B, N)` bool: node accepted (its parent accepted and its token the model's choice there)."""
         batch = tokens.shape[0]
         accepted = torch.zeros(batch, self.num_nodes, dtype=torch.bool, device=tokens.device)
         accepted[:, 0] = True
         if self.num_nodes > 1:
             parents = self.parents[1:]
             match = tokens[:, 1:] == choices[:, parents]  # (B, N-1): node agrees with its parent's choice
+            if self.lookup_length and lookup_counts is not None:
+                depth = torch.arange(1, self.lookup_length + 1, device=tokens.device)[None]
+                match[:, -self.lookup_length :] &= depth <= lookup_counts[:, None]
             # Parents come before children, so one sweep in node order propagates acceptance down the tree.
             for i in range(1, self.num_nodes):
                 accepted[:, i] = match[:, i - 1] & accepted[:, int(self.parents[i])]
-        depth_of_accepted = torch.where(accepted, self.depths[None, :], -1)
-        return depth_of_accepted.argmax(dim=1)
+        return accepted
 
     def path_to(self, node: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The nodes from the root to `node`, per row, padded at the end.
@@ -232,16 +304,17 @@ class DraftTree:
             node: `(B,)` node indices.
 
         Returns:
-            `(B, D + 1)` node indices along each path (root first; entries past the node repeat it), and
-            `(B,)` path lengths (node depth + 1).
+            `(B, D + 1)` node indices along each path (root first; entries past the node repeat it; D is
+            `max_node_depth`), and `(B,)` path lengths (node depth + 1).
         """
         lengths = self.depths[node] + 1
+        depth = self.max_node_depth
         steps = [node]
-        for _ in range(self.depth):
+        for _ in range(depth):
             steps.append(torch.where(self.parents[steps[-1]] >= 0, self.parents[steps[-1]], steps[-1]))
         stacked = torch.stack(steps[::-1], dim=1)  # (B, D + 1): ancestors first, the node repeated at the end
         # Rows whose node is shallower than D have the root repeated at the start; shift them left.
-        shift = self.depth - self.depths[node]  # (B,)
-        columns = torch.arange(self.depth + 1, device=node.device)[None, :] + shift[:, None]
-        columns = columns.clamp(max=self.depth)
+        shift = depth - self.depths[node]  # (B,)
+        columns = torch.arange(depth + 1, device=node.device)[None, :] + shift[:, None]
+        columns = columns.clamp(max=depth)
         return stacked.gather(1, columns), lengths
