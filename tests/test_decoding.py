@@ -41,17 +41,21 @@ def greedy(model, ids, mask=None, **kwargs):
     num_heads=st.integers(1, 3),
     depth=st.one_of(st.integers(0, 3), st.just("auto")),
     tree=st.booleans(),
+    lookup=st.sampled_from([0, 1, 4, 10]),
+    lookup_ngram=st.integers(1, 3),
     lengths=st.lists(st.integers(1, 9), min_size=1, max_size=3),
     max_new_tokens=st.integers(1, 24),
     use_eos=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_identical_to_plain_greedy(head_type, num_heads, depth, tree, lengths, max_new_tokens, use_eos, seed):
+def test_identical_to_plain_greedy(head_type, num_heads, depth, tree, lookup, lookup_ngram, lengths, max_new_tokens,
+                                   use_eos, seed):
     model = heads_model(head_type, num_heads=num_heads, seed=seed % 7, dtype=torch.float32)
     depth = depth if depth == "auto" else min(depth, num_heads)
     ids, mask = padded_batch(lengths, seed=seed)
     plain, ours, stats = greedy(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=EOS if use_eos else None,
-                                mtp_depth=depth, mtp_tree=tree or None)
+                                mtp_depth=depth, mtp_tree=tree or None, mtp_lookup=lookup,
+                                mtp_lookup_ngram=lookup_ngram)
     assert torch.equal(plain, ours)
     assert stats.new_tokens <= len(lengths) * max_new_tokens
 
@@ -148,7 +152,7 @@ def test_perfect_drafts_are_all_accepted():
     plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=21, do_sample=False, eos_token_id=None,
                            pad_token_id=PAD, mtp_speculate=False)
     with forced_drafts(plain):
-        _, ours, stats = greedy(model, ids, mask, max_new_tokens=21, eos_token_id=None, mtp_depth=3)
+        _, ours, stats = greedy(model, ids, mask, max_new_tokens=21, eos_token_id=None, mtp_depth=3, mtp_lookup=0)
     assert torch.equal(plain, ours)
     assert stats.acceptance_rate == [1.0, 1.0, 1.0]
     assert stats.verify_steps == 5  # 1 token from the prefill, then 4 per step
@@ -162,7 +166,8 @@ def test_perfect_tree_drafts_follow_the_right_branch(rank):
     plain = model.generate(ids, max_new_tokens=17, do_sample=False, eos_token_id=None, mtp_speculate=False)
     tree = [(0,), (1,), (0, 0), (1, 1), (0, 0, 0), (1, 1, 1)]  # rank-1 candidates have their own chain
     with forced_drafts(plain, rank=rank):
-        _, ours, stats = greedy(model, ids, max_new_tokens=17, eos_token_id=None, mtp_depth=3, mtp_tree=tree)
+        _, ours, stats = greedy(model, ids, max_new_tokens=17, eos_token_id=None, mtp_depth=3, mtp_tree=tree,
+                                mtp_lookup=0)
     assert torch.equal(plain, ours)
     assert stats.acceptance_rate == [1.0, 1.0, 1.0]
 

@@ -23,8 +23,8 @@ PROMPT = [5, 9, 33, 71]
 TEMPERATURE, TOP_K, SAMPLES = 1.3, 5, 2500
 
 
-def exact_distribution(base, new_tokens: int = 3):
-    """Exact probabilities after PROMPT under temperature and top-k.
+def exact_distribution(base, new_tokens: int = 3, prompt: list[int] = PROMPT):
+    """Exact probabilities after `prompt` under temperature and top-k.
 
     Returns:
         The probability of every sequence of `new_tokens` tokens, and the next-token distribution
@@ -34,7 +34,7 @@ def exact_distribution(base, new_tokens: int = 3):
     sequences, conditionals = {(): 1.0}, {}
     for _ in range(new_tokens):
         contexts = list(sequences)
-        ids = torch.tensor([PROMPT + list(c) for c in contexts])
+        ids = torch.tensor([prompt + list(c) for c in contexts])
         with torch.no_grad():
             logits = base(ids).logits[:, -1].float()
         probs = torch.softmax(warp(ids, logits), dim=-1)
@@ -118,18 +118,18 @@ def drafts_near_the_model(conditionals):
         SpeculativeDecoder._draft = original
 
 
-def sample(model, temperature=TEMPERATURE, **kwargs):
+def sample(model, temperature=TEMPERATURE, prompt=PROMPT, **kwargs):
     """The first three new tokens of SAMPLES rows, and the call's statistics.
 
     Four tokens are generated so that the first verify step has room for two drafts (the prefill emits one
     token); the first three tokens' joint distribution is still exactly the model's.
     """
     torch.manual_seed(1234)
-    out = model.generate(torch.tensor([PROMPT]).expand(SAMPLES, -1), do_sample=True, temperature=temperature,
+    out = model.generate(torch.tensor([prompt]).expand(SAMPLES, -1), do_sample=True, temperature=temperature,
                          top_k=TOP_K, max_new_tokens=4, eos_token_id=None, pad_token_id=PAD, mtp_depth=2,
                          return_dict_in_generate=True, **kwargs)
     assert out.mtp_stats.depth_steps.get(2, 0) > 0  # depth-2 drafts were verified
-    return [tuple(row[:3]) for row in out.sequences[:, len(PROMPT):].tolist()], out.mtp_stats
+    return [tuple(row[:3]) for row in out.sequences[:, len(prompt):].tolist()], out.mtp_stats
 
 
 @pytest.mark.parametrize("tree", [None, True], ids=["chain", "tree"])
@@ -151,6 +151,16 @@ def test_sampling_with_real_heads_is_exact(head_type, tree):
     samples, stats = sample(model, mtp_tree=tree)
     assert chi_square_p_value(samples, exact) > 1e-3
     assert stats.proposed[0] > 0
+
+
+def test_sampling_with_lookup_drafts_is_exact():
+    # A prompt that repeats itself, so that lookup drafts are proposed at every step and sometimes sampled.
+    prompt = [5, 9, 33, 5, 9, 33, 5, 9]
+    model = model_with_heads("ffn")
+    exact, _ = exact_distribution(model.base_model.model, prompt=prompt)
+    samples, stats = sample(model, prompt=prompt, mtp_lookup=3)
+    assert chi_square_p_value(samples, exact) > 1e-3
+    assert stats.lookup_proposed > 0 and stats.lookup_won > 0
 
 
 def test_a_biased_sampler_fails_the_test():

@@ -1,0 +1,175 @@
+"""Prompt-lookup drafts: the batched matcher, the lookup branch of a draft tree, and exact decoding with it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from decoding_utils import EOS, PAD, forced_drafts, heads_model, padded_batch
+
+from peft_mtp.decoding import DraftTree, default_chain_tree_paths
+from peft_mtp.decoding.lookup import prompt_lookup
+from peft_mtp.decoding.tree import LOOKUP
+
+
+def naive_lookup(tokens: list[int], num_tokens: int, max_ngram: int, min_ngram: int = 1) -> list[int]:
+    """The longest n-gram's earliest earlier occurrence, and up to `num_tokens` tokens after it."""
+    for n in range(max_ngram, min_ngram - 1, -1):
+        for i in range(len(tokens) - n):
+            if tokens[i : i + n] == tokens[len(tokens) - n :]:
+                return tokens[i + n : i + n + num_tokens]
+    return []
+
+
+# ----------------------------------------------------------------------------------------------
+# The matcher
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batched_matcher_agrees_with_the_obvious_loop(seed):
+    rng = random.Random(seed)
+    rows = [[rng.randrange(5) for _ in range(rng.randrange(0, 30))] for _ in range(7)]  # a small alphabet: matches
+    pads = [rng.randrange(4) for _ in rows]
+    width = max(p + len(r) for p, r in zip(pads, rows)) + 3  # columns past each row's end hold junk
+    sequences = torch.full((len(rows), width), 9)
+    for i, (pad, row) in enumerate(zip(pads, rows)):
+        sequences[i, :pad] = PAD
+        sequences[i, pad : pad + len(row)] = torch.tensor(row, dtype=torch.long)
+    starts = torch.tensor(pads)
+    lengths = torch.tensor([p + len(r) for p, r in zip(pads, rows)])
+    for num_tokens, max_ngram, min_ngram in ((4, 3, 1), (10, 2, 1), (3, 3, 2), (1, 1, 1)):
+        drafts, counts = prompt_lookup(sequences, starts, lengths, num_tokens, max_ngram, min_ngram)
+        for i, row in enumerate(rows):
+            expected = naive_lookup(row, num_tokens, max_ngram, min_ngram)
+            assert drafts[i, : counts[i]].tolist() == expected, (i, row, num_tokens, max_ngram, min_ngram)
+            assert drafts[i, counts[i] :].eq(0).all()
+
+
+def test_matcher_prefers_the_longest_ngram_then_the_earliest_place():
+    #            0  1  2  3  4  5  6  7  8  9
+    row = [1, 2, 3, 7, 2, 3, 8, 9, 2, 3]  # "2 3" occurs at 1 and 4; "9 2 3" nowhere before; "3" at 2 first
+    drafts, counts = prompt_lookup(torch.tensor([row]), torch.tensor([0]), torch.tensor([len(row)]), 3, 3)
+    assert drafts[0, : counts[0]].tolist() == [7, 2, 3]  # after the first "2 3"
+    row = [4, 5, 6, 1, 5, 6, 2, 1, 5, 6]  # now "1 5 6" occurs at 3: the 3-gram wins over the earlier "5 6"
+    drafts, counts = prompt_lookup(torch.tensor([row]), torch.tensor([0]), torch.tensor([len(row)]), 3, 3)
+    assert drafts[0, : counts[0]].tolist() == [2, 1, 5]
+
+
+def test_matcher_never_reads_padding_or_past_a_row():
+    sequences = torch.tensor([[7, 7, 7, 1, 2, 7], [3, 4, 3, 0, 0, 0]])  # row 0: 3 pads of token 7; row 1 ends at 3
+    drafts, counts = prompt_lookup(sequences, torch.tensor([3, 0]), torch.tensor([6, 3]), 4, 2)
+    assert counts.tolist() == [0, 2]  # row 0's "7" only occurs in its padding
+    assert drafts[1, :2].tolist() == [4, 3]  # row 1: "3" at 0, then 4 3 (never the zeros past its end)
+
+
+# ----------------------------------------------------------------------------------------------
+# The lookup branch of a tree
+
+
+def test_lookup_branch_comes_after_the_head_nodes_as_a_chain_under_the_root():
+    heads = DraftTree.from_paths(default_chain_tree_paths(2), 2)
+    tree = heads.with_lookup(3)
+    assert tree.num_nodes == heads.num_nodes + 3 and tree.lookup_length == 3
+    assert tree.paths[-3:] == [(LOOKUP,), (LOOKUP, LOOKUP), (LOOKUP, LOOKUP, LOOKUP)]
+    assert tree.parents[-3:].tolist() == [0, heads.num_nodes, heads.num_nodes + 1]
+    assert tree.depths[-3:].tolist() == [1, 2, 3]
+    assert tree.topk == heads.topk and tree.depth == 2 and tree.max_node_depth == 3 and not tree.is_chain
+    assert torch.equal(tree.ancestor_mask[: heads.num_nodes, : heads.num_nodes], heads.ancestor_mask)
+    assert not tree.ancestor_mask[heads.num_nodes :, 1 : heads.num_nodes].any()  # the branch reads no head node
+    only_lookup = DraftTree.from_paths([], 2).with_lookup(4)
+    assert only_lookup.is_chain and only_lookup.depth == 0 and only_lookup.num_nodes == 5
+
+
+def test_lookup_nodes_win_when_deeper_and_filler_never_counts():
+    tree = DraftTree.from_paths([(0,), (1,)], 1).with_lookup(3)  # nodes: root, (0,), (1,), L1, L2, L3
+    tokens = torch.tensor([[10, 11, 12, 12, 13, 14], [10, 11, 12, 12, 13, 14]])
+    choices = torch.tensor([[12, 0, 13, 13, 14, 0], [12, 0, 13, 13, 14, 0]])  # the model: 12, 13, 14 after the root
+    node, heads, lookup = tree.accept_by_source(tokens, choices, lookup_counts=torch.tensor([3, 1]))
+    assert heads.tolist() == [1, 1]  # head candidate (1,) = 12 was right in both rows
+    assert lookup.tolist() == [3, 1]  # row 1 has one real lookup draft: its branch stops there
+    assert node.tolist() == [5, 2]  # row 0: the branch's end; row 1: the head node (a tie goes to node order)
+    path, keep = tree.path_to(node)
+    assert keep.tolist() == [4, 2] and path[0].tolist() == [0, 3, 4, 5]
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding with lookup drafts
+
+
+def _plain(model, ids, mask, **kwargs):
+    return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=PAD, mtp_speculate=False,
+                          **kwargs)
+
+
+def _ours(model, ids, mask, **kwargs):
+    return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=PAD,
+                          return_dict_in_generate=True, **kwargs)
+
+
+def test_lookup_drafts_carry_the_step_when_the_heads_are_wrong():
+    # Tiny random models fall into loops, which lookup drafts copy; the heads here never draft a right token.
+    model = heads_model("ffn", seed=6)
+    ids, mask = padded_batch([3, 8, 5], seed=6)
+    plain = _plain(model, ids, mask, max_new_tokens=40, eos_token_id=None)
+    with forced_drafts(plain, quality={0: False, 1: False, 2: False}):
+        out = _ours(model, ids, mask, max_new_tokens=40, eos_token_id=None, mtp_depth=2, mtp_lookup=6)
+    stats = out.mtp_stats
+    assert torch.equal(out.sequences, plain)
+    assert stats.acceptance_rate == [0.0, 0.0, 0.0]
+    assert stats.lookup_won > 0 and stats.lookup_tokens >= stats.lookup_won
+    assert stats.tokens_per_step == pytest.approx(1 + stats.lookup_tokens / stats.row_steps)
+    off = _ours(model, ids, mask, max_new_tokens=40, eos_token_id=None, mtp_depth=2, mtp_lookup=0).mtp_stats
+    assert off.lookup_proposed == 0 and off.lookup_won == 0
+
+
+def test_eos_and_max_new_tokens_inside_an_accepted_lookup_draft():
+    model = heads_model("ffn", seed=6)
+    ids, mask = padded_batch([3, 8, 5], seed=6)
+    generated = _plain(model, ids, mask, max_new_tokens=40, eos_token_id=None)[:, ids.shape[1] :]
+    won = 0
+    for eos in sorted(set(generated[:, 10:].flatten().tolist()))[:6]:  # tokens that also occur late in a row
+        for max_new_tokens in (13, 17, 40):
+            plain = _plain(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos)
+            out = _ours(model, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos, mtp_depth=2, mtp_lookup=10)
+            assert torch.equal(out.sequences, plain), (eos, max_new_tokens)
+            won += out.mtp_stats.lookup_won
+    assert won > 0
+
+
+def test_lookup_alone_without_heads_drafting():
+    model = heads_model("sequential", seed=6)
+    ids, mask = padded_batch([3, 8, 5], seed=6)
+    plain = _plain(model, ids, mask, max_new_tokens=30, eos_token_id=EOS)
+    out = _ours(model, ids, mask, max_new_tokens=30, eos_token_id=EOS, mtp_depth=0, mtp_lookup=10)
+    assert torch.equal(out.sequences, plain)
+    assert out.mtp_stats.proposed == [0, 0, 0] and out.mtp_stats.lookup_won > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mtp_lookup": -1}, "mtp_lookup"),
+        ({"mtp_lookup": True}, "mtp_lookup"),
+        ({"mtp_lookup": "10"}, "mtp_lookup"),
+        ({"mtp_lookup_ngram": 0}, "mtp_lookup_ngram"),
+    ],
+)
+def test_invalid_lookup_options_name_the_option(kwargs, message):
+    model = heads_model("ffn", seed=17)
+    with pytest.raises(ValueError, match=message):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False, **kwargs)
+
+
+def test_attention_without_tree_masks_turns_the_default_lookup_off_and_refuses_an_explicit_one(monkeypatch):
+    import peft_mtp.decoding.loop as loop
+
+    model = heads_model("ffn", seed=6)
+    ids, mask = padded_batch([3, 8, 5], seed=6)
+    plain = _plain(model, ids, mask, max_new_tokens=30, eos_token_id=None)
+    monkeypatch.setattr(loop, "_takes_tree_masks", lambda model: False)  # as for flash or flex attention
+    out = _ours(model, ids, mask, max_new_tokens=30, eos_token_id=None, mtp_depth=2)
+    assert torch.equal(out.sequences, plain)
+    assert out.mtp_stats.lookup_proposed == 0
+    with pytest.raises(ValueError, match="mtp_lookup=0"):
+        _ours(model, ids, mask, max_new_tokens=30, eos_token_id=None, mtp_lookup=4)
