@@ -11,8 +11,10 @@ methods alike):
 * `plain`: transformers' greedy `generate` (`mtp_speculate=False`), the baseline of every ratio.
 * `prompt_lookup`: `generate(prompt_lookup_num_tokens=10)`, what a user would reach for without heads
   (transformers refuses it for batches larger than 1: reported as n/a there).
-* `<heads>:chain` and `<heads>:tree`: speculative decoding with MTP heads, chain drafts (depth
-  `--depth`, default: automatic) and the default tree. `<heads>` is every `--heads PATH` (a saved MTP
+* `<heads>:chain` and `<heads>:tree`: speculative decoding with MTP heads alone (`mtp_lookup=0`), chain
+  drafts (depth `--depth`, default: automatic) and the default tree; `<heads>:chain+lookup` and
+  `<heads>:tree+lookup`: the same with prompt-lookup drafts verified beside them (`generate`'s default,
+  10 lookup tokens). `<heads>` is every `--heads PATH` (a saved MTP
   adapter), plus `oracle` with `--oracle`: the heads run as usual but their tokens are replaced by the
   model's own greedy continuation, i.e. 100% acceptance: the ceiling of the decoding machinery for
   these heads' cost. `--untrained TYPE` adds fresh heads of that type (drafts mostly rejected: the
@@ -86,6 +88,7 @@ class Result:
     calls: int = 0
     steps: int = 0
     row_steps: int = 0
+    step_tokens: int = 0  # tokens emitted by verify steps (prefill tokens excluded)
     accepted: list = field(default_factory=list)
     proposed: list = field(default_factory=list)
     error: str | None = None
@@ -222,8 +225,10 @@ def run_method(method, models, plain_model, inputs, gen, plain, result, fast, ar
         return
     name, shape = method.rsplit(":", 1)
     model = models[name]
+    drafts, _, lookup = shape.partition("+")
     options = dict(mtp_depth=args.depth if args.depth == "auto" else int(args.depth),
-                   mtp_tree=True if shape == "tree" else None, return_dict_in_generate=True)
+                   mtp_tree=True if drafts == "tree" else None, mtp_lookup=None if lookup else 0,
+                   return_dict_in_generate=True)
     context = oracle_drafts(plain) if name == "oracle" else contextlib.nullcontext()
     with fast(model), context:
         out, wall, cpu = timed(lambda: model.generate(**inputs, **gen, **options))
@@ -241,6 +246,7 @@ def record(result, sequences, plain, inputs, wall, cpu, tokenizer, stats=None):
     if stats is not None:
         result.steps += stats.verify_steps
         result.row_steps += stats.row_steps
+        result.step_tokens += stats.new_tokens - stats.prefill_tokens
         result.accepted = [a + b for a, b in zip(result.accepted or [0] * len(stats.accepted), stats.accepted)]
         result.proposed = [a + b for a, b in zip(result.proposed or [0] * len(stats.proposed), stats.proposed)]
 
@@ -262,19 +268,22 @@ def summarize(results: dict) -> dict:
         }
         if r.row_steps:
             entry["head_acceptance"] = [round(a / p, 3) if p else None for a, p in zip(r.accepted, r.proposed)]
+            entry["tokens_per_step"] = r.step_tokens / r.row_steps
         summary[method] = entry
     return summary
 
 
 def print_table(workload: str, batch_size: int, summary: dict) -> None:
     print(f"\n{workload}, batch {batch_size}")
-    print(f"{'method':28s} {'tok/s':>7s} {'x plain':>8s} {'tok/cpu-s':>9s} {'x plain':>8s}  same  acceptance per head")
+    print(f"{'method':28s} {'tok/s':>7s} {'x plain':>8s} {'tok/cpu-s':>9s} {'x plain':>8s}  same  tok/step  "
+          "acceptance per head")
     for method, entry in summary.items():
         if "error" in entry:
             print(f"{method:28s} {entry['error']}")
             continue
         print(f"{method:28s} {entry['tokens_per_s']:7.2f} {entry['speedup_wall']:8.2f} {entry['tokens_per_cpu_s']:9.2f} "
               f"{entry['speedup_cpu']:8.2f}  {'yes' if entry['same_as_plain'] else 'NO':4s}  "
+              f"{entry['tokens_per_step'] if 'tokens_per_step' in entry else float('nan'):8.2f}  "
               f"{entry.get('head_acceptance', '')}")
     sys.stdout.flush()
 
@@ -288,7 +297,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--untrained", nargs="*", default=[], help="Head types to add with fresh, untrained heads.")
     parser.add_argument("--num-heads", type=int, default=4, help="K of the oracle and untrained heads.")
     parser.add_argument("--depth", default="auto", help="Draft depth (int) or 'auto'.")
-    parser.add_argument("--shapes", nargs="*", default=["chain", "tree"], choices=["chain", "tree"])
+    parser.add_argument("--shapes", nargs="*", default=["chain", "tree", "chain+lookup", "tree+lookup"],
+                        choices=["chain", "tree", "chain+lookup", "tree+lookup"])
     parser.add_argument("--workloads", nargs="*", default=["code", "chat"], choices=["code", "chat"])
     parser.add_argument("--batch", nargs="*", type=int, default=[1, 8])
     parser.add_argument("--num-prompts", type=int, default=16)

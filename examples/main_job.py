@@ -116,6 +116,8 @@ class JobArguments:
         eval_max_new_tokens: tokens generated per timed prompt.
         eval_depths: chain-draft depths timed ("auto" = the decoder picks).
         eval_tree_depths: the same with tree drafts (`mtp_tree=True`); empty for none.
+        eval_lookup_depths: the same with tree drafts and prompt-lookup drafts beside them (`generate`'s default,
+            `mtp_lookup`); the other modes time the heads alone (`mtp_lookup=0`).
         time_budget_min: the whole job's target wall time; stages stop early to stay within it.
         seed: seed of shuffles and training.
     """
@@ -152,9 +154,11 @@ class JobArguments:
     num_eval_chat: int = field(default=24, metadata={"help": "Held-out chat prompts."})
     num_speed_prompts: int = field(default=4, metadata={"help": "Timed prompts of each kind (batch 1)."})
     eval_max_new_tokens: int = field(default=128, metadata={"help": "Tokens generated per timed prompt."})
-    eval_depths: str = field(default="auto,1,2", metadata={"help": "Chain-draft depths timed, comma-separated."})
+    eval_depths: str = field(default="auto,1", metadata={"help": "Chain-draft depths timed, comma-separated."})
     eval_tree_depths: str = field(default="auto", metadata={"help": "Tree-draft depths timed, comma-separated "
                                                                      "('' for none)."})
+    eval_lookup_depths: str = field(default="auto", metadata={"help": "Tree drafts with prompt-lookup drafts "
+                                                                       "beside them: depths timed ('' for none)."})
     time_budget_min: float = field(default=30.0, metadata={"help": "Target wall time of the whole job."})
     seed: int = field(default=0, metadata={"help": "Seed of shuffles and training."})
 
@@ -181,13 +185,15 @@ class JobArguments:
 
     @property
     def modes(self) -> list[str]:
-        """The timed decoding modes: `depth=<d>` (chain drafts) and `tree depth=<d>` (tree drafts)."""
+        """The timed decoding modes: `depth=<d>` (chain drafts), `tree depth=<d>` (tree drafts) and
+        `tree+lookup depth=<d>` (tree and prompt-lookup drafts)."""
 
         def depths(text: str) -> list:
             return [d if d == "auto" else int(d) for d in (x.strip() for x in text.split(",")) if d]
 
         return ([f"depth={d}" for d in depths(self.eval_depths)]
-                + [f"tree depth={d}" for d in depths(self.eval_tree_depths)])
+                + [f"tree depth={d}" for d in depths(self.eval_tree_depths)]
+                + [f"tree+lookup depth={d}" for d in depths(self.eval_lookup_depths)])
 
 
 def mode_shape_and_depth(mode: str) -> tuple[str, str]:
@@ -197,9 +203,11 @@ def mode_shape_and_depth(mode: str) -> tuple[str, str]:
         mode: a `JobArguments.modes` entry, or a `depth=<d>` key of results written before trees were timed.
 
     Returns:
-        `("chain" or "tree", depth)`, the depth as written (`"auto"` or a number).
+        `(drafts, depth)`: drafts `"chain"`, `"tree"` or `"tree+lookup"`, the depth as written (`"auto"` or a
+        number).
     """
-    return ("tree" if mode.startswith("tree ") else "chain"), mode.split("=")[1]
+    drafts, _, depth = mode.rpartition("depth=")
+    return drafts.strip() or "chain", depth
 
 
 def bf16_matmul_is_faster(size: tuple[int, int, int] = (1024, 576, 2048), repeats: int = 3) -> bool:
@@ -558,8 +566,9 @@ def time_generation(peft_model, tokenizer, prompts: datasets.Dataset, args: JobA
             with fast_small_row_linear(peft_model):
                 return peft_model.generate(**encoded, **kwargs, mtp_speculate=False)
         shape, depth = mode_shape_and_depth(mode)
-        kwargs.update(mtp_depth=depth if depth == "auto" else int(depth), mtp_tree=True if shape == "tree" else None,
-                      return_dict_in_generate=True)
+        drafts, _, lookup = shape.partition("+")
+        kwargs.update(mtp_depth=depth if depth == "auto" else int(depth), mtp_tree=True if drafts == "tree" else None,
+                      mtp_lookup=None if lookup else 0, return_dict_in_generate=True)
         return peft_model.generate(**encoded, **kwargs)
 
     # Warm-up: the kernel choice is measured once per process and row bucket; that cost is not decoding. All buckets
@@ -678,11 +687,11 @@ def plot(all_results: dict[str, dict[str, Any]], path: Path) -> None:
             color, name = next(colors), f"{label}, {kind}"
             agreement = results[kind]["head_agreement"]
             left.plot(range(1, len(agreement) + 1), agreement, marker=marker, color=color, label=name)
-            speedups = {"chain": [], "tree": []}  # (depth, speed-up) per kind of drafts
+            speedups = {"chain": [], "tree": [], "tree+lookup": []}  # (depth, speed-up) per kind of drafts
             for mode, row in results[kind]["modes"].items():
                 shape, depth = mode_shape_and_depth(mode)
-                speedups[shape].append((depth, row["speedup"]))
-            for shape, style, auto_marker in (("chain", "-", "*"), ("tree", "--", "P")):
+                speedups.setdefault(shape, []).append((depth, row["speedup"]))
+            for shape, style, auto_marker in (("chain", "-", "*"), ("tree", "--", "P"), ("tree+lookup", ":", "X")):
                 depths = speedups[shape]
                 fixed = sorted((int(d), s) for d, s in depths if d != "auto")
                 if fixed:
@@ -697,7 +706,8 @@ def plot(all_results: dict[str, dict[str, Any]], path: Path) -> None:
     left.set(title="Top-1 agreement with the greedy output (held-out)", xlabel="head k (predicts token t+1+k)",
              ylabel="agreement", ylim=(0, 1), xticks=range(1, max_depth + 1))
     right.axhline(1.0, color="grey", lw=0.8)
-    right.set(title="Speed-up vs plain greedy generate (batch 1)", xlabel="draft depth (at 'auto': * chain, + tree)",
+    right.set(title="Speed-up vs plain greedy generate (batch 1)",
+              xlabel="draft depth (at 'auto': * chain, + tree, x tree and lookup)",
               ylabel="tokens/s ratio", xticks=range(0, max_depth + 1),
               xticklabels=["auto"] + [str(d) for d in range(1, max_depth + 1)])
     left.legend(fontsize=8)

@@ -41,7 +41,7 @@ def greedy(model, ids, mask=None, **kwargs):
     num_heads=st.integers(1, 3),
     depth=st.one_of(st.integers(0, 3), st.just("auto")),
     tree=st.booleans(),
-    lookup=st.sampled_from([0, 1, 4, 10]),
+    lookup=st.sampled_from([None, 0, 1, 4, 10]),
     lookup_ngram=st.integers(1, 3),
     lengths=st.lists(st.integers(1, 9), min_size=1, max_size=3),
     max_new_tokens=st.integers(1, 24),

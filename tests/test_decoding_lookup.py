@@ -10,6 +10,7 @@ from decoding_utils import EOS, PAD, forced_drafts, heads_model, padded_batch
 
 from peft_mtp.decoding import DraftTree, default_chain_tree_paths
 from peft_mtp.decoding.lookup import prompt_lookup
+from peft_mtp.decoding.options import LookupGate
 from peft_mtp.decoding.tree import LOOKUP
 
 
@@ -91,6 +92,26 @@ def test_lookup_nodes_win_when_deeper_and_filler_never_counts():
     assert node.tolist() == [5, 2]  # row 0: the branch's end; row 1: the head node (a tie goes to node order)
     path, keep = tree.path_to(node)
     assert keep.tolist() == [4, 2] and path[0].tolist() == [0, 3, 4, 5]
+
+
+# ----------------------------------------------------------------------------------------------
+# The gate of the automatic setting
+
+
+def test_gate_closes_when_lookup_drafts_do_not_pay_and_probes_now_and_then():
+    gate = LookupGate(probe_every=4, smoothing=1.0)
+    assert gate.is_open()  # nothing measured yet
+    gate.record([1], None, seconds=0.05)  # heads alone: 2 tokens in 50 ms
+    gate.record([1], [1], seconds=0.08)  # with the branch: nothing extra, 80 ms
+    assert [gate.is_open() for _ in range(8)] == [False, False, False, True] * 2
+    gate.record([1], [4], seconds=0.08)  # now the branch adds 3 tokens: (2 + 3) / 80 ms > 2 / 50 ms
+    assert gate.is_open() and gate.is_open()
+
+
+def test_gate_counts_what_the_branch_adds_over_the_heads_per_row():
+    gate = LookupGate(smoothing=1.0)
+    gate.record([2, 0], [1, 3], seconds=0.1)  # row 0: the heads did better; row 1: the branch added 3
+    assert gate.heads_tokens == pytest.approx(2.0) and gate.extra_tokens == pytest.approx(1.5)
 
 
 # ----------------------------------------------------------------------------------------------

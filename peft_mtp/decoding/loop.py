@@ -29,7 +29,7 @@ from .acceptance import sample, speculative_sample_chain
 from .drafter import HeadDrafter
 from .layout import additive_mask, apply_keep, chunk_attention_mask, plan_keep, select_rows
 from .lookup import prompt_lookup
-from .options import DepthController, DraftShapes, SpeculationOptions
+from .options import MIN_LOOKUP_NGRAM, DepthController, DraftShapes, LookupGate, SpeculationOptions
 from .stats import SpeculationStats
 from .tree import DraftTree
 
@@ -170,6 +170,8 @@ class SpeculativeDecoder:
         fixed = None if options.depth == "auto" else min(options.depth, self.shapes.max_depth)
         sizes = [self.shapes.tree(depth).num_nodes for depth in range(self.shapes.max_depth + 1)]
         self.controller = DepthController(self.shapes.max_depth, fixed, sizes=sizes)
+        # The automatic setting proposes lookup drafts only while they pay; a number given proposes them every step.
+        self.lookup_gate = LookupGate() if options.lookup is None else None
         self.drafter = HeadDrafter(self.heads, self.trunk)
         self.stats = SpeculationStats(num_heads=num_heads, trace=[] if options.trace else None)
         if not self.shapes.is_chain:
@@ -242,7 +244,8 @@ class SpeculativeDecoder:
         depth = max(0, min(depth, int(self._room().max()) - 1))  # no drafts past the last allowed token
         head_tree = self.shapes.tree(depth).to(self.rows.device)
         tokens, draft_probs = self._draft(head_tree, depth)  # (R, N) node tokens, root first
-        lookup, lookup_counts = self._lookup()
+        gate_open = self.lookup_gate is None or self.lookup_gate.is_open()
+        lookup, lookup_counts = self._lookup() if gate_open else (None, None)
         tree = head_tree
         if lookup_counts is not None:
             tree = self.shapes.tree(depth, int(lookup_counts.max())).to(self.rows.device)
@@ -254,7 +257,7 @@ class SpeculativeDecoder:
         scores = self._process_nodes(logits, tokens, tree)
         if self.do_sample and tree.is_chain and draft_probs is not None:
             accepted, bonus = speculative_sample_chain(scores, draft_probs, tokens[:, 1:])
-            node, head_accepted = accepted, accepted
+            node, head_accepted, lookup_accepted = accepted, accepted, None
         else:
             choices = sample(scores) if self.do_sample else scores.argmax(dim=-1)  # (R, N)
             node, head_accepted, lookup_accepted = tree.accept_by_source(tokens, choices, lookup_counts)
@@ -290,7 +293,11 @@ class SpeculativeDecoder:
             tick = time.perf_counter()
             self.drafter.observe(_select(kept_hidden, keep_rows), _select(kept_valid, keep_rows))
             self.stats.draft_time_s += time.perf_counter() - tick
-        self.controller.record(depth, head_list, time.perf_counter() - step_start)
+        seconds = time.perf_counter() - step_start
+        self.controller.record(depth, head_list, seconds)
+        if self.lookup_gate is not None:
+            self.lookup_gate.record(head_list, lookup_accepted.tolist() if lookup_counts is not None else None,
+                                    seconds)
 
     def _lookup(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Prompt-lookup drafts of the active rows `(R, L)` and their counts `(R,)`; `(None, None)` for none.
@@ -304,7 +311,8 @@ class SpeculativeDecoder:
             return None, None
         lengths = self.lengths[self.rows]
         drafts, counts = prompt_lookup(self.sequences[:, : int(lengths.max())][self.rows], self.left_pad[self.rows],
-                                       lengths, num_tokens, max_ngram=self.options.lookup_ngram)
+                                       lengths, num_tokens, max_ngram=self.options.lookup_ngram,
+                                       min_ngram=min(MIN_LOOKUP_NGRAM, self.options.lookup_ngram))
         counts = torch.minimum(counts, room.clamp(min=0))
         if not bool(counts.any()):
             return None, None

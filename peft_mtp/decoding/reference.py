@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .options import MIN_LOOKUP_NGRAM
 from .tree import DraftTree, chain_paths
 
 if TYPE_CHECKING:
@@ -63,10 +64,11 @@ def reference_generate(
             ranked = head_logits[0, last, k - 1].argsort(descending=True).tolist()
             candidates.append(ranked)
             chain.append(ranked[0])
-        # 1b. Prompt lookup: what followed the first earlier occurrence of the last n tokens (longest n first).
+        # 1b. Prompt lookup: what followed the first earlier occurrence of the last n tokens (longest n first,
+        #     down to 2 tokens unless `lookup_ngram` is 1).
         copied = []
         room = max_new_tokens - (len(ids) - len(prompt)) - 1
-        for n in range(lookup_ngram, 0, -1) if lookup and room > 0 else ():
+        for n in range(lookup_ngram, min(MIN_LOOKUP_NGRAM, lookup_ngram) - 1, -1) if lookup and room > 0 else ():
             starts = [i for i in range(len(ids) - n) if ids[i : i + n] == ids[len(ids) - n :]]
             if starts:
                 copied = ids[starts[0] + n :][: min(lookup, room)]
