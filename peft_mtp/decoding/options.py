@@ -287,11 +287,13 @@ class LookupGate:
     branch added over the heads in steps that proposed it (both are known in the same step: the
     heads' own accepted depth is measured whichever branch wins), and the step time with and
     without a lookup branch. It proposes lookup drafts while
-    `(heads + extra) / time_with > heads / time_without`, and otherwise every `probe_every` steps,
-    so that the estimate follows the text. Until both times are measured it proposes them.
+    `(heads + extra) / time_with > heads / time_without`; every `probe_every` steps it takes the
+    other choice, so that both estimates follow the text (in a batch some row nearly always has a
+    match: without these probes the time without a branch would never be measured). Its first step
+    proposes the branch, its first step after that goes without.
 
     Args:
-        probe_every: steps between proposals while the gate is closed.
+        probe_every: steps between probes of the choice the averages advise against.
         smoothing: weight of a new measurement in the averages.
     """
 
@@ -302,20 +304,20 @@ class LookupGate:
         self.extra_tokens: float | None = None
         self.time_with: float | None = None
         self.time_without: float | None = None
-        self.closed_steps = 0
+        self.steps = 0
 
     def _average(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
 
     def is_open(self) -> bool:
         """Whether this step should propose lookup drafts."""
-        if None in (self.heads_tokens, self.extra_tokens, self.time_with, self.time_without):
+        self.steps += 1
+        if self.time_with is None or self.extra_tokens is None:
             return True
-        if (self.heads_tokens + self.extra_tokens) / self.time_with > self.heads_tokens / self.time_without:
-            self.closed_steps = 0
-            return True
-        self.closed_steps += 1
-        return self.closed_steps % self.probe_every == 0
+        if self.time_without is None:
+            return False
+        pays = (self.heads_tokens + self.extra_tokens) / self.time_with > self.heads_tokens / self.time_without
+        return pays != (self.steps % self.probe_every == 0)
 
     def record(self, head_accepted: list[int], lookup_accepted: list[int] | None, seconds: float) -> None:
         """Feed back one step: drafts accepted per row from the heads and (if proposed) the lookup, and its time.
