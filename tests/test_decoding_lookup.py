@@ -99,18 +99,19 @@ def test_lookup_nodes_win_when_deeper_and_filler_never_counts():
 
 
 def test_gate_closes_when_lookup_drafts_do_not_pay_and_probes_now_and_then():
-    gate = LookupGate(probe_every=4, smoothing=1.0)
+    gate = LookupGate(probe_every=4, token_smoothing=1.0, time_smoothing=1.0)
     assert gate.is_open()  # nothing measured yet: try the branch
     gate.record([1], [1], seconds=0.08)  # with the branch: nothing extra, 80 ms
     assert not gate.is_open()  # then measure a step without it
     gate.record([1], None, seconds=0.05)  # heads alone: 2 tokens in 50 ms
     assert [gate.is_open() for _ in range(8)] == [False, True, False, False] * 2  # steps 3..10: probes at 4 and 8
     gate.record([1], [4], seconds=0.08)  # now the branch adds 3 tokens: (2 + 3) / 80 ms > 2 / 50 ms
-    assert [gate.is_open() for _ in range(4)] == [True, False, True, True]  # steps 11..14: a probe without at 12
+    opened = [gate.is_open() for _ in range(22)]  # steps 11..32: one step without, at 16 (every 4 x 4)
+    assert opened == [True] * 5 + [False] + [True] * 15 + [False]
 
 
 def test_gate_counts_what_the_branch_adds_over_the_heads_per_row():
-    gate = LookupGate(smoothing=1.0)
+    gate = LookupGate(token_smoothing=1.0)
     gate.record([2, 0], [1, 3], seconds=0.1)  # row 0: the heads did better; row 1: the branch added 3
     assert gate.heads_tokens == pytest.approx(2.0) and gate.extra_tokens == pytest.approx(1.5)
 

@@ -287,27 +287,31 @@ class LookupGate:
     branch added over the heads in steps that proposed it (both are known in the same step: the
     heads' own accepted depth is measured whichever branch wins), and the step time with and
     without a lookup branch. It proposes lookup drafts while
-    `(heads + extra) / time_with > heads / time_without`; every `probe_every` steps it takes the
-    other choice, so that both estimates follow the text (in a batch some row nearly always has a
-    match: without these probes the time without a branch would never be measured). Its first step
-    proposes the branch, its first step after that goes without.
+    `(heads + extra) / time_with > heads / time_without`, and otherwise every `probe_every` steps;
+    while it proposes them, every `4 * probe_every` steps it goes without once, so that the time
+    without stays measured (in a batch some row nearly always has a match). The extra tokens come
+    in bursts (a copied docstring, then nothing), so they are averaged over a longer window than
+    the times. Its first step proposes the branch, its next one goes without.
 
     Args:
-        probe_every: steps between probes of the choice the averages advise against.
-        smoothing: weight of a new measurement in the averages.
+        probe_every: steps between probes of the branch while it does not pay.
+        token_smoothing: weight of a new step in the averages of tokens.
+        time_smoothing: weight of a new step in the averages of time.
     """
 
-    def __init__(self, probe_every: int = 8, smoothing: float = 0.2):
+    def __init__(self, probe_every: int = 8, token_smoothing: float = 0.05, time_smoothing: float = 0.2):
         self.probe_every = probe_every
-        self.smoothing = smoothing
+        self.token_smoothing = token_smoothing
+        self.time_smoothing = time_smoothing
         self.heads_tokens: float | None = None
         self.extra_tokens: float | None = None
         self.time_with: float | None = None
         self.time_without: float | None = None
         self.steps = 0
 
-    def _average(self, old: float | None, new: float) -> float:
-        return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
+    @staticmethod
+    def _average(old: float | None, new: float, weight: float) -> float:
+        return new if old is None else (1 - weight) * old + weight * new
 
     def is_open(self) -> bool:
         """Whether this step should propose lookup drafts."""
@@ -316,8 +320,9 @@ class LookupGate:
             return True
         if self.time_without is None:
             return False
-        pays = (self.heads_tokens + self.extra_tokens) / self.time_with > self.heads_tokens / self.time_without
-        return pays != (self.steps % self.probe_every == 0)
+        if (self.heads_tokens + self.extra_tokens) / self.time_with > self.heads_tokens / self.time_without:
+            return self.steps % (4 * self.probe_every) != 0
+        return self.steps % self.probe_every == 0
 
     def record(self, head_accepted: list[int], lookup_accepted: list[int] | None, seconds: float) -> None:
         """Feed back one step: drafts accepted per row from the heads and (if proposed) the lookup, and its time.
@@ -327,10 +332,11 @@ class LookupGate:
             lookup_accepted: per row, drafts the lookup branch got accepted, or None when the step had no branch.
             seconds: the step's wall time.
         """
-        self.heads_tokens = self._average(self.heads_tokens, 1 + sum(head_accepted) / max(len(head_accepted), 1))
+        rows = max(len(head_accepted), 1)
+        self.heads_tokens = self._average(self.heads_tokens, 1 + sum(head_accepted) / rows, self.token_smoothing)
         if lookup_accepted is None:
-            self.time_without = self._average(self.time_without, seconds)
+            self.time_without = self._average(self.time_without, seconds, self.time_smoothing)
             return
         extra = sum(max(lookup - heads, 0) for heads, lookup in zip(head_accepted, lookup_accepted))
-        self.extra_tokens = self._average(self.extra_tokens, extra / max(len(head_accepted), 1))
-        self.time_with = self._average(self.time_with, seconds)
+        self.extra_tokens = self._average(self.extra_tokens, extra / rows, self.token_smoothing)
+        self.time_with = self._average(self.time_with, seconds, self.time_smoothing)
