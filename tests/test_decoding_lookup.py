@@ -10,7 +10,6 @@ from decoding_utils import EOS, PAD, forced_drafts, heads_model, padded_batch
 
 from peft_mtp.decoding import DraftTree, default_chain_tree_paths
 from peft_mtp.decoding.lookup import prompt_lookup
-from peft_mtp.decoding.options import LookupGate
 from peft_mtp.decoding.tree import LOOKUP
 
 
@@ -95,28 +94,6 @@ def test_lookup_nodes_win_when_deeper_and_filler_never_counts():
 
 
 # ----------------------------------------------------------------------------------------------
-# The gate of the automatic setting
-
-
-def test_gate_closes_when_lookup_drafts_do_not_pay_and_probes_now_and_then():
-    gate = LookupGate(probe_every=4, token_smoothing=1.0, time_smoothing=1.0)
-    assert gate.is_open()  # nothing measured yet: try the branch
-    gate.record([1], [1], seconds=0.08)  # with the branch: nothing extra, 80 ms
-    assert not gate.is_open()  # then measure a step without it
-    gate.record([1], None, seconds=0.05)  # heads alone: 2 tokens in 50 ms
-    assert [gate.is_open() for _ in range(8)] == [False, True, False, False] * 2  # steps 3..10: probes at 4 and 8
-    gate.record([1], [4], seconds=0.08)  # now the branch adds 3 tokens: (2 + 3) / 80 ms > 2 / 50 ms
-    opened = [gate.is_open() for _ in range(22)]  # steps 11..32: one step without, at 16 (every 4 x 4)
-    assert opened == [True] * 5 + [False] + [True] * 15 + [False]
-
-
-def test_gate_counts_what_the_branch_adds_over_the_heads_per_row():
-    gate = LookupGate(token_smoothing=1.0)
-    gate.record([2, 0], [1, 3], seconds=0.1)  # row 0: the heads did better; row 1: the branch added 3
-    assert gate.heads_tokens == pytest.approx(2.0) and gate.extra_tokens == pytest.approx(1.5)
-
-
-# ----------------------------------------------------------------------------------------------
 # Decoding with lookup drafts
 
 
@@ -158,6 +135,18 @@ def test_eos_and_max_new_tokens_inside_an_accepted_lookup_draft():
             assert torch.equal(out.sequences, plain), (eos, max_new_tokens)
             won += out.mtp_stats.lookup_won
     assert won > 0
+
+
+def test_automatic_lookup_drafts_for_a_single_row_only():
+    model = heads_model("ffn", seed=6)
+    ids, mask = padded_batch([3, 8, 5], seed=6)
+    plain = _plain(model, ids, mask, max_new_tokens=30, eos_token_id=None)
+    batched = _ours(model, ids, mask, max_new_tokens=30, eos_token_id=None, mtp_depth=2)
+    assert torch.equal(batched.sequences, plain) and batched.mtp_stats.lookup_proposed == 0
+    forced = _ours(model, ids, mask, max_new_tokens=30, eos_token_id=None, mtp_depth=2, mtp_lookup=10)
+    assert torch.equal(forced.sequences, plain) and forced.mtp_stats.lookup_proposed > 0
+    alone = _ours(model, ids[1:2], mask[1:2], max_new_tokens=30, eos_token_id=None, mtp_depth=2)
+    assert torch.equal(alone.sequences, plain[1:2]) and alone.mtp_stats.lookup_proposed > 0
 
 
 def test_lookup_alone_without_heads_drafting():

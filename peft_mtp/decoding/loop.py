@@ -29,7 +29,7 @@ from .acceptance import sample, speculative_sample_chain
 from .drafter import HeadDrafter
 from .layout import additive_mask, apply_keep, chunk_attention_mask, plan_keep, select_rows
 from .lookup import prompt_lookup
-from .options import MIN_LOOKUP_NGRAM, DepthController, DraftShapes, LookupGate, SpeculationOptions
+from .options import MIN_LOOKUP_NGRAM, DepthController, DraftShapes, SpeculationOptions
 from .stats import SpeculationStats
 from .tree import DraftTree
 
@@ -170,8 +170,6 @@ class SpeculativeDecoder:
         fixed = None if options.depth == "auto" else min(options.depth, self.shapes.max_depth)
         sizes = [self.shapes.tree(depth).num_nodes for depth in range(self.shapes.max_depth + 1)]
         self.controller = DepthController(self.shapes.max_depth, fixed, sizes=sizes)
-        # The automatic setting proposes lookup drafts only while they pay; a number given proposes them every step.
-        self.lookup_gate = LookupGate() if options.lookup is None else None
         self.drafter = HeadDrafter(self.heads, self.trunk)
         self.stats = SpeculationStats(num_heads=num_heads, trace=[] if options.trace else None)
         if not self.shapes.is_chain:
@@ -244,8 +242,10 @@ class SpeculativeDecoder:
         depth = max(0, min(depth, int(self._room().max()) - 1))  # no drafts past the last allowed token
         head_tree = self.shapes.tree(depth).to(self.rows.device)
         tokens, draft_probs = self._draft(head_tree, depth)  # (R, N) node tokens, root first
-        gate_open = self.lookup_gate is None or self.lookup_gate.is_open()
-        lookup, lookup_counts = self._lookup() if gate_open else (None, None)
+        # The automatic setting drafts from lookup for one row only: in a batch the branch widens every row's
+        # verify pass (on a CPU, 8 rows: 0.93x instead of 1.01x on code, docs/decoding.md).
+        lookup_now = self.options.lookup is not None or self.rows.numel() == 1
+        lookup, lookup_counts = self._lookup() if lookup_now else (None, None)
         tree = head_tree
         if lookup_counts is not None:
             tree = self.shapes.tree(depth, int(lookup_counts.max())).to(self.rows.device)
@@ -257,7 +257,7 @@ class SpeculativeDecoder:
         scores = self._process_nodes(logits, tokens, tree)
         if self.do_sample and tree.is_chain and draft_probs is not None:
             accepted, bonus = speculative_sample_chain(scores, draft_probs, tokens[:, 1:])
-            node, head_accepted, lookup_accepted = accepted, accepted, None
+            node, head_accepted = accepted, accepted
         else:
             choices = sample(scores) if self.do_sample else scores.argmax(dim=-1)  # (R, N)
             node, head_accepted, lookup_accepted = tree.accept_by_source(tokens, choices, lookup_counts)
@@ -293,11 +293,7 @@ class SpeculativeDecoder:
             tick = time.perf_counter()
             self.drafter.observe(_select(kept_hidden, keep_rows), _select(kept_valid, keep_rows))
             self.stats.draft_time_s += time.perf_counter() - tick
-        seconds = time.perf_counter() - step_start
-        self.controller.record(depth, head_list, seconds)
-        if self.lookup_gate is not None:
-            self.lookup_gate.record(head_list, lookup_accepted.tolist() if lookup_counts is not None else None,
-                                    seconds)
+        self.controller.record(depth, head_list, time.perf_counter() - step_start)
 
     def _lookup(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Prompt-lookup drafts of the active rows `(R, L)` and their counts `(R,)`; `(None, None)` for none.

@@ -46,9 +46,10 @@ class SpeculationOptions:
         lookup (`int` or `None`, defaults to `None`): `mtp_lookup`. Prompt-lookup drafts per step,
             verified in the same pass as the heads' drafts as one more branch of the draft tree
             (`peft_mtp.decoding.lookup`): the step keeps whichever branch the model agrees with
-            longer. None (automatic) drafts up to 10 where the model's attention takes the tree
-            mask this needs (eager or SDPA), in the steps where they pay for the wider verify pass
-            (`LookupGate`); a number drafts up to that many at every step; 0 turns lookup off.
+            longer. None (automatic) drafts up to 10 while one row is decoding, where the model's
+            attention takes the tree mask this needs (eager or SDPA): a batch widens the verify pass
+            for every row, which cost more than it gained on a CPU; a number drafts up to that many
+            at every step, batches included; 0 turns lookup off.
         lookup_ngram (`int`, defaults to 3): `mtp_lookup_ngram`. Longest n-gram the lookup matches
             (it tries shorter ones down to 2 tokens; 1 matches single tokens too).
         trace (`bool`, defaults to `False`): `mtp_trace`. Record, per verify pass, how many drafts
@@ -276,67 +277,3 @@ class DepthController:
         rate = self.expected_tokens(depth) / self._time(depth)
         return rate if math.isfinite(rate) else 0.0
 
-
-class LookupGate:
-    """Decides per step whether prompt-lookup drafts are worth their wider verify pass.
-
-    A lookup branch widens the verify pass by up to `mtp_lookup` tokens. Where the text copies
-    itself (code, quotes) that buys several tokens per step; elsewhere, and on batches, where the
-    pass grows for every row, it can cost more than it gains. The gate keeps, as exponential
-    averages: the tokens a row gains per step from the heads alone, the extra tokens the lookup
-    branch added over the heads in steps that proposed it (both are known in the same step: the
-    heads' own accepted depth is measured whichever branch wins), and the step time with and
-    without a lookup branch. It proposes lookup drafts while
-    `(heads + extra) / time_with > heads / time_without`, and otherwise every `probe_every` steps;
-    while it proposes them, every `4 * probe_every` steps it goes without once, so that the time
-    without stays measured (in a batch some row nearly always has a match). The extra tokens come
-    in bursts (a copied docstring, then nothing), so they are averaged over a longer window than
-    the times. Its first step proposes the branch, its next one goes without.
-
-    Args:
-        probe_every: steps between probes of the branch while it does not pay.
-        token_smoothing: weight of a new step in the averages of tokens.
-        time_smoothing: weight of a new step in the averages of time.
-    """
-
-    def __init__(self, probe_every: int = 8, token_smoothing: float = 0.05, time_smoothing: float = 0.2):
-        self.probe_every = probe_every
-        self.token_smoothing = token_smoothing
-        self.time_smoothing = time_smoothing
-        self.heads_tokens: float | None = None
-        self.extra_tokens: float | None = None
-        self.time_with: float | None = None
-        self.time_without: float | None = None
-        self.steps = 0
-
-    @staticmethod
-    def _average(old: float | None, new: float, weight: float) -> float:
-        return new if old is None else (1 - weight) * old + weight * new
-
-    def is_open(self) -> bool:
-        """Whether this step should propose lookup drafts."""
-        self.steps += 1
-        if self.time_with is None or self.extra_tokens is None:
-            return True
-        if self.time_without is None:
-            return False
-        if (self.heads_tokens + self.extra_tokens) / self.time_with > self.heads_tokens / self.time_without:
-            return self.steps % (4 * self.probe_every) != 0
-        return self.steps % self.probe_every == 0
-
-    def record(self, head_accepted: list[int], lookup_accepted: list[int] | None, seconds: float) -> None:
-        """Feed back one step: drafts accepted per row from the heads and (if proposed) the lookup, and its time.
-
-        Args:
-            head_accepted: per row, drafts the heads' nodes got accepted.
-            lookup_accepted: per row, drafts the lookup branch got accepted, or None when the step had no branch.
-            seconds: the step's wall time.
-        """
-        rows = max(len(head_accepted), 1)
-        self.heads_tokens = self._average(self.heads_tokens, 1 + sum(head_accepted) / rows, self.token_smoothing)
-        if lookup_accepted is None:
-            self.time_without = self._average(self.time_without, seconds, self.time_smoothing)
-            return
-        extra = sum(max(lookup - heads, 0) for heads, lookup in zip(head_accepted, lookup_accepted))
-        self.extra_tokens = self._average(self.extra_tokens, extra / rows, self.token_smoothing)
-        self.time_with = self._average(self.time_with, seconds, self.time_smoothing)
