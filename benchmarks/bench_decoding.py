@@ -13,8 +13,9 @@ methods alike):
   (transformers refuses it for batches larger than 1: reported as n/a there).
 * `<heads>:chain` and `<heads>:tree`: speculative decoding with MTP heads alone (`mtp_lookup=0`), chain
   drafts (depth `--depth`, default: automatic) and the default tree; `<heads>:chain+lookup` and
-  `<heads>:tree+lookup`: the same with prompt-lookup drafts verified beside them (`generate`'s default,
-  10 lookup tokens). `<heads>` is every `--heads PATH` (a saved MTP
+  `<heads>:tree+lookup`: the same with prompt-lookup drafts verified beside them, as `generate` does by
+  default (`mtp_lookup=None`: up to 10 lookup tokens while a single row decodes, none for a batch until one
+  row is left); `<heads>:tree+lookup10`: up to 10 at every step, batches included (`mtp_lookup=10`). `<heads>` is every `--heads PATH` (a saved MTP
   adapter), plus `oracle` with `--oracle`: the heads run as usual but their tokens are replaced by the
   model's own greedy continuation, i.e. 100% acceptance: the ceiling of the decoding machinery for
   these heads' cost. `--untrained TYPE` adds fresh heads of that type (drafts mostly rejected: the
@@ -225,9 +226,11 @@ def run_method(method, models, plain_model, inputs, gen, plain, result, fast, ar
         return
     name, shape = method.rsplit(":", 1)
     model = models[name]
-    drafts, _, lookup = shape.partition("+")
+    drafts, _, lookup = shape.partition("+")  # "", "lookup" (generate's default) or "lookup10" (10, always)
+    count = lookup.removeprefix("lookup")
     options = dict(mtp_depth=args.depth if args.depth == "auto" else int(args.depth),
-                   mtp_tree=True if drafts == "tree" else None, mtp_lookup=None if lookup else 0,
+                   mtp_tree=True if drafts == "tree" else None,
+                   mtp_lookup=(int(count) if count else None) if lookup else 0,
                    return_dict_in_generate=True)
     context = oracle_drafts(plain) if name == "oracle" else contextlib.nullcontext()
     with fast(model), context:
@@ -298,7 +301,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-heads", type=int, default=4, help="K of the oracle and untrained heads.")
     parser.add_argument("--depth", default="auto", help="Draft depth (int) or 'auto'.")
     parser.add_argument("--shapes", nargs="*", default=["chain", "tree", "chain+lookup", "tree+lookup"],
-                        choices=["chain", "tree", "chain+lookup", "tree+lookup"])
+                        choices=["chain", "tree", "chain+lookup", "tree+lookup", "tree+lookup10"])
     parser.add_argument("--workloads", nargs="*", default=["code", "chat"], choices=["code", "chat"])
     parser.add_argument("--batch", nargs="*", type=int, default=[1, 8])
     parser.add_argument("--num-prompts", type=int, default=16)

@@ -22,8 +22,9 @@ that produce them, so a rerun skips finished work and an interrupted stage conti
              epochs; heads predict over a draft vocabulary of the training answers' most frequent tokens;
 5. sft       TRL's plain `SFTTrainer` with the MTP loss (`peft_mtp.training`), continuing from the warm-up;
 6. eval      top-1 agreement of each head with the model's greedy output on held-out prompts, then
-             tokens/s of plain greedy `generate` vs speculative `generate` with the heads, batch 1,
-             alternating the two, and whether the tokens are identical;
+             tokens/s of plain greedy `generate` vs speculative `generate` with the heads (chains, trees,
+             and trees with prompt-lookup drafts beside them), batch 1, alternating, and whether the tokens
+             are identical;
 7. report    a table on stdout, `results.md` / `results.json` and a PNG plot in `--report_dir`.
 
 On a CUDA GPU the same job runs in bf16 with larger batches and more data (see `JobArguments.resolve`).

@@ -117,13 +117,14 @@ CHAIN_TREE = [(0,), (1,), (2,), (0, 0), (0, 1), (0, 0, 0), (0, 0, 1)]  # branche
     [(head_type, None) for head_type in HEAD_TYPES] + [(head_type, TREE) for head_type in ("ffn", "cnn", "identical")]
     + [("sequential", CHAIN_TREE)],
 )
-def test_matches_reference_loop(head_type, tree):
+@pytest.mark.parametrize("lookup", [0, 10])
+def test_matches_reference_loop(head_type, tree, lookup):
     # float64: the two loops round differently, so near-ties could otherwise flip a draft.
     model = heads_model(head_type, seed=5, dtype=torch.float64, noise=0.03)
     prompt = [11, 42, 7, 99, 5, 63, 18]
     out = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                         mtp_depth=3, mtp_tree=tree, mtp_trace=True, return_dict_in_generate=True)
-    tokens, accepted = reference_generate(model.base_model, prompt, 12, depth=3, tree=tree)
+                         mtp_depth=3, mtp_tree=tree, mtp_lookup=lookup, mtp_trace=True, return_dict_in_generate=True)
+    tokens, accepted = reference_generate(model.base_model, prompt, 12, depth=3, tree=tree, lookup=lookup)
     assert out.sequences[0, len(prompt):].tolist() == tokens
     assert [step[0][1] for step in out.mtp_stats.trace] == accepted
 
@@ -134,7 +135,8 @@ def test_batched_rows_match_the_reference_row_by_row(lookup):
     lengths = [3, 8, 5]
     ids, mask = padded_batch(lengths, seed=6)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=15, do_sample=False, eos_token_id=None,
-                         pad_token_id=PAD, mtp_depth=2, mtp_lookup=lookup, mtp_trace=True, return_dict_in_generate=True)
+                         pad_token_id=PAD, mtp_depth=2, mtp_lookup=lookup, mtp_trace=True,
+                         return_dict_in_generate=True)
     for row, length in enumerate(lengths):
         prompt = ids[row, ids.shape[1] - length:].tolist()
         tokens, accepted = reference_generate(model.base_model, prompt, 15, depth=2, lookup=lookup)
@@ -301,7 +303,7 @@ def test_cache_rollback_leaves_no_stale_entries(monkeypatch):
 def test_statistics_add_up():
     model = heads_model("ffn", seed=15)
     ids, mask = padded_batch([5, 3], seed=15)
-    _, ours, stats = greedy(model, ids, mask, max_new_tokens=12, eos_token_id=None, mtp_depth=2)
+    _, ours, stats = greedy(model, ids, mask, max_new_tokens=12, eos_token_id=None, mtp_depth=2, mtp_lookup=0)
     assert isinstance(stats, SpeculationStats)
     assert stats.model_forwards == stats.verify_steps + 1
     assert stats.new_tokens == 2 * 12
@@ -358,8 +360,8 @@ def test_sequential_tree_drafts_accept_runner_ups_and_keep_the_heads_in_step(mon
     accepted_nodes = []
     original = DraftTree.accept_by_source
 
-    def accept(self, tokens, choices, lookup_counts=None):
-        result = original(self, tokens, choices, lookup_counts)
+    def accept(self, tokens, choices, lookup_counts=None, depth_limit=None):
+        result = original(self, tokens, choices, lookup_counts, depth_limit)
         accepted_nodes.extend(self.paths[i] for i in result[0].tolist())
         return result
 

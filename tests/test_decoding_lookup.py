@@ -10,6 +10,7 @@ from decoding_utils import EOS, PAD, forced_drafts, heads_model, padded_batch
 
 from peft_mtp.decoding import DraftTree, default_chain_tree_paths
 from peft_mtp.decoding.lookup import prompt_lookup
+from peft_mtp.decoding.loop import SpeculativeDecoder
 from peft_mtp.decoding.tree import LOOKUP
 
 
@@ -81,6 +82,19 @@ def test_lookup_branch_comes_after_the_head_nodes_as_a_chain_under_the_root():
     assert only_lookup.is_chain and only_lookup.depth == 0 and only_lookup.num_nodes == 5
 
 
+def test_a_tree_takes_one_lookup_branch_only():
+    with pytest.raises(ValueError, match="already has a lookup branch"):
+        DraftTree.from_paths([(0,)], 1).with_lookup(2).with_lookup(2)
+
+
+def test_nodes_past_a_rows_room_are_never_accepted():
+    tree = DraftTree.from_paths([(0,), (0, 0)], 2).with_lookup(3)
+    tokens = torch.tensor([[10, 11, 12, 11, 12, 13]] * 2)
+    choices = torch.tensor([[11, 12, 13, 12, 13, 14]] * 2)  # every draft is right
+    node, heads, lookup = tree.accept_by_source(tokens, choices, depth_limit=torch.tensor([3, 1]))
+    assert heads.tolist() == [2, 1] and lookup.tolist() == [3, 1]
+
+
 def test_lookup_nodes_win_when_deeper_and_filler_never_counts():
     tree = DraftTree.from_paths([(0,), (1,)], 1).with_lookup(3)  # nodes: root, (0,), (1,), L1, L2, L3
     tokens = torch.tensor([[10, 11, 12, 12, 13, 14], [10, 11, 12, 12, 13, 14]])
@@ -137,16 +151,32 @@ def test_eos_and_max_new_tokens_inside_an_accepted_lookup_draft():
     assert won > 0
 
 
-def test_automatic_lookup_drafts_for_a_single_row_only():
+def test_automatic_lookup_drafts_for_a_single_greedy_row_only(monkeypatch):
     model = heads_model("ffn", seed=6)
     ids, mask = padded_batch([3, 8, 5], seed=6)
-    plain = _plain(model, ids, mask, max_new_tokens=30, eos_token_id=None)
-    batched = _ours(model, ids, mask, max_new_tokens=30, eos_token_id=None, mtp_depth=2)
-    assert torch.equal(batched.sequences, plain) and batched.mtp_stats.lookup_proposed == 0
-    forced = _ours(model, ids, mask, max_new_tokens=30, eos_token_id=None, mtp_depth=2, mtp_lookup=10)
+    rows_when_matching = []
+    original = SpeculativeDecoder._lookup
+
+    def lookup(self, *args):
+        rows_when_matching.append(self.rows.numel())
+        return original(self, *args)
+
+    monkeypatch.setattr(SpeculativeDecoder, "_lookup", lookup)
+    for eos in (None, EOS):  # rows stop together, or one by one (the last one alone)
+        plain = _plain(model, ids, mask, max_new_tokens=30, eos_token_id=eos)
+        batched = _ours(model, ids, mask, max_new_tokens=30, eos_token_id=eos, mtp_depth=2)
+        assert torch.equal(batched.sequences, plain)
+        assert set(rows_when_matching) <= {1}
+    forced = _ours(model, ids, mask, max_new_tokens=30, eos_token_id=EOS, mtp_depth=2, mtp_lookup=10)
     assert torch.equal(forced.sequences, plain) and forced.mtp_stats.lookup_proposed > 0
+    assert max(rows_when_matching) == 3
+    plain = _plain(model, ids[1:2], mask[1:2], max_new_tokens=30, eos_token_id=None)
     alone = _ours(model, ids[1:2], mask[1:2], max_new_tokens=30, eos_token_id=None, mtp_depth=2)
-    assert torch.equal(alone.sequences, plain[1:2]) and alone.mtp_stats.lookup_proposed > 0
+    assert torch.equal(alone.sequences, plain) and alone.mtp_stats.lookup_proposed > 0
+    torch.manual_seed(0)
+    sampled = model.generate(input_ids=ids[1:2], attention_mask=mask[1:2], do_sample=True, max_new_tokens=30,
+                             pad_token_id=PAD, return_dict_in_generate=True)
+    assert sampled.mtp_stats.lookup_proposed == 0  # sampling: only with `mtp_lookup` set
 
 
 def test_lookup_alone_without_heads_drafting():
@@ -165,6 +195,8 @@ def test_lookup_alone_without_heads_drafting():
         ({"mtp_lookup": True}, "mtp_lookup"),
         ({"mtp_lookup": "10"}, "mtp_lookup"),
         ({"mtp_lookup_ngram": 0}, "mtp_lookup_ngram"),
+        ({"mtp_lookup_ngram": True}, "mtp_lookup_ngram"),
+        ({"mtp_lookup_ngram": "3"}, "mtp_lookup_ngram"),
     ],
 )
 def test_invalid_lookup_options_name_the_option(kwargs, message):

@@ -163,6 +163,58 @@ def test_sampling_with_lookup_drafts_is_exact():
     assert stats.lookup_proposed > 0 and stats.lookup_won > 0
 
 
+def test_sampling_stays_exact_when_a_lookup_draft_repeats_a_head_draft(monkeypatch):
+    # Every step's lookup branch starts with head 1's own draft, then a likely token other than head 2's draft:
+    # two nodes with the same token under the root, where following the deeper accepted path after sampling
+    # below both would favour the branch's second token as the third token.
+    import peft_mtp.decoding.loop as loop
+
+    model = model_with_heads("ffn")
+    exact, conditionals = exact_distribution(model.base_model.model)
+    heads = {}
+
+    def draft(self, tree, depth):
+        tokens, probs = near_the_model(self, tree, depth)
+        heads["tokens"] = None
+        if depth >= 2:
+            # Point-mass drafts (exact under speculative sampling too): head 1 the model's likeliest token, so
+            # that it is often accepted; head 2 the likeliest token after it, so that the lookup branch's own
+            # second token (a different one) can win.
+            tokens, probs = tokens.clone(), torch.zeros_like(probs)
+            for r, first in enumerate(tokens[:, 0].tolist()):
+                d1 = int(conditionals[(first,)].argmax())
+                tokens[r, 1], tokens[r, 2] = d1, int(conditionals[(first, d1)].argmax())
+            probs[:, 0] = torch.nn.functional.one_hot(tokens[:, 1], probs.shape[-1]).to(probs.dtype)
+            probs[:, 1] = torch.nn.functional.one_hot(tokens[:, 2], probs.shape[-1]).to(probs.dtype)
+            heads["tokens"] = tokens
+        return tokens, probs
+
+    def lookup(sequences, starts, lengths, num_tokens, max_ngram, min_ngram):
+        rows = sequences.shape[0]
+        drafts, counts = torch.zeros(rows, num_tokens, dtype=torch.long), torch.zeros(rows, dtype=torch.long)
+        if heads["tokens"] is None or num_tokens < 2:
+            return drafts, counts
+        for r in range(rows):
+            first = sequences[r, lengths[r] - 1].item()  # the root: the first new token
+            d1, d2 = heads["tokens"][r, 1].item(), heads["tokens"][r, 2].item()
+            if (first, d1) not in conditionals:  # a draft the model cannot sample: no duplicate to make
+                continue
+            ranked = conditionals[(first, d1)].argsort(descending=True).tolist()
+            drafts[r, 0], drafts[r, 1] = d1, next(t for t in ranked if t != d2)
+            counts[r] = 2
+        return drafts, counts
+
+    monkeypatch.setattr(loop, "prompt_lookup", lookup)
+    with drafts_near_the_model(conditionals):  # head drafts the model often samples: duplicates get accepted
+        near_the_model = SpeculativeDecoder._draft
+        SpeculativeDecoder._draft = draft
+        try:
+            samples, stats = sample(model, mtp_lookup=3)
+        finally:
+            SpeculativeDecoder._draft = near_the_model
+    assert chi_square_p_value(samples, exact) > 1e-3
+
+
 def test_a_biased_sampler_fails_the_test():
     """The test has power: sampling at a slightly wrong temperature is caught."""
     model = model_with_heads("ffn")

@@ -4,9 +4,11 @@
 what it covers). Options are `generate` keyword arguments (`SpeculationOptions`); statistics come
 back as `output.mtp_stats` with `return_dict_in_generate=True`. `reference_generate` is the same
 algorithm in a short loop without caches, which the tests compare the optimised loop against.
+`prompt_lookup` drafts copies of earlier text, verified beside the heads' drafts (`mtp_lookup`).
 """
 
 from .generate import generate_with_heads
+from .lookup import prompt_lookup
 from .loop import MTPGenerateOutput, SpeculativeDecoder, speculative_generate
 from .options import SpeculationOptions
 from .reference import reference_generate
@@ -23,6 +25,7 @@ __all__ = [
     "default_chain_tree_paths",
     "default_tree_paths",
     "generate_with_heads",
+    "prompt_lookup",
     "reference_generate",
     "speculative_generate",
 ]

@@ -57,7 +57,6 @@ def prompt_lookup(
         windows = sequences.unfold(1, n, 1)  # (R, end - n + 1, n): window i covers positions i..i+n-1
         position = torch.arange(windows.shape[1], device=device)[None]
         valid = (position >= starts[:, None]) & (position + n < lengths[:, None])  # a successor inside the row
-        valid &= (lengths - starts >= n + 1)[:, None]
         match = (windows == ngram[:, None, :]).all(dim=-1) & valid
         found = match.any(dim=1) & (counts == 0)
         if bool(found.any()):

@@ -242,10 +242,7 @@ class SpeculativeDecoder:
         depth = max(0, min(depth, int(self._room().max()) - 1))  # no drafts past the last allowed token
         head_tree = self.shapes.tree(depth).to(self.rows.device)
         tokens, draft_probs = self._draft(head_tree, depth)  # (R, N) node tokens, root first
-        # The automatic setting drafts from lookup for one row only: in a batch the branch widens every row's
-        # verify pass (on a CPU, 8 rows: 0.93x instead of 1.01x on code, docs/decoding.md).
-        lookup_now = self.options.lookup is not None or self.rows.numel() == 1
-        lookup, lookup_counts = self._lookup() if lookup_now else (None, None)
+        lookup, lookup_counts = self._lookup(tokens, head_tree) if self._lookup_now() else (None, None)
         tree = head_tree
         if lookup_counts is not None:
             tree = self.shapes.tree(depth, int(lookup_counts.max())).to(self.rows.device)
@@ -257,10 +254,11 @@ class SpeculativeDecoder:
         scores = self._process_nodes(logits, tokens, tree)
         if self.do_sample and tree.is_chain and draft_probs is not None:
             accepted, bonus = speculative_sample_chain(scores, draft_probs, tokens[:, 1:])
-            node, head_accepted = accepted, accepted
+            node, head_accepted, lookup_accepted = accepted, accepted, None  # no lookup branch in a chain
         else:
             choices = sample(scores) if self.do_sample else scores.argmax(dim=-1)  # (R, N)
-            node, head_accepted, lookup_accepted = tree.accept_by_source(tokens, choices, lookup_counts)
+            node, head_accepted, lookup_accepted = tree.accept_by_source(tokens, choices, lookup_counts,
+                                                                         depth_limit=self._room() - 1)
             bonus = choices.gather(1, node[:, None])[:, 0]
         path, keep = tree.path_to(node)  # (R, D + 1), (R,): the accepted nodes, root first
         emitted = torch.cat([tokens.gather(1, path)[:, 1:], bonus[:, None]], dim=1)  # (R, D + 1)
@@ -295,11 +293,29 @@ class SpeculativeDecoder:
             self.stats.draft_time_s += time.perf_counter() - tick
         self.controller.record(depth, head_list, time.perf_counter() - step_start)
 
-    def _lookup(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _lookup_now(self) -> bool:
+        """Whether this step drafts from prompt lookup.
+
+        A number given as `mtp_lookup` drafts at every step. The automatic setting drafts for greedy
+        decoding of a single row: in a batch the branch widens every row's verify pass (on this CPU it
+        cost more than it gained at 8 rows, docs/decoding.md), and in sampling a step with the branch
+        verifies the heads' sampled chain by exact match instead of by speculative sampling, which
+        accepts it less often.
+        """
+        if self.options.lookup is not None:
+            return self.lookup_tokens > 0
+        return self.lookup_tokens > 0 and not self.do_sample and self.rows.numel() == 1
+
+    def _lookup(self, head_tokens: torch.Tensor, head_tree: DraftTree) -> tuple[torch.Tensor | None,
+                                                                                   torch.Tensor | None]:
         """Prompt-lookup drafts of the active rows `(R, L)` and their counts `(R,)`; `(None, None)` for none.
 
         The match runs over each row's verified tokens and the root (the last emitted token), so the
         drafts continue after the root, as the heads' do. No row drafts past its last allowed token.
+
+        Args:
+            head_tokens: `(R, N)` the heads' node tokens of this step.
+            head_tree: their tree.
         """
         room = self._room() - 1
         num_tokens = min(self.lookup_tokens, int(room.max()))
@@ -310,6 +326,11 @@ class SpeculativeDecoder:
                                        lengths, num_tokens, max_ngram=self.options.lookup_ngram,
                                        min_ngram=min(MIN_LOOKUP_NGRAM, self.options.lookup_ngram))
         counts = torch.minimum(counts, room.clamp(min=0))
+        if self.do_sample:
+            # Two accepted nodes with the same token under the root would let the samples below them choose
+            # the path (biased); a branch that starts with a head candidate is dropped instead.
+            first = head_tokens[:, head_tree.depths == 1]  # (R, candidates of head 1)
+            counts = torch.where((first == drafts[:, :1]).any(dim=1), 0, counts)
         if not bool(counts.any()):
             return None, None
         return drafts, counts

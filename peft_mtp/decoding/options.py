@@ -46,10 +46,10 @@ class SpeculationOptions:
         lookup (`int` or `None`, defaults to `None`): `mtp_lookup`. Prompt-lookup drafts per step,
             verified in the same pass as the heads' drafts as one more branch of the draft tree
             (`peft_mtp.decoding.lookup`): the step keeps whichever branch the model agrees with
-            longer. None (automatic) drafts up to 10 while one row is decoding, where the model's
-            attention takes the tree mask this needs (eager or SDPA): a batch widens the verify pass
-            for every row, which cost more than it gained on a CPU; a number drafts up to that many
-            at every step, batches included; 0 turns lookup off.
+            longer. None (automatic) drafts up to 10 in greedy decoding while one row is decoding,
+            where the model's attention takes the tree mask this needs (eager or SDPA): a batch
+            widens the verify pass for every row, which cost more than it gained on a CPU; a number
+            drafts up to that many at every step, batches and sampling included; 0 turns it off.
         lookup_ngram (`int`, defaults to 3): `mtp_lookup_ngram`. Longest n-gram the lookup matches
             (it tries shorter ones down to 2 tokens; 1 matches single tokens too).
         trace (`bool`, defaults to `False`): `mtp_trace`. Record, per verify pass, how many drafts
@@ -120,7 +120,13 @@ class SpeculationOptions:
         return num_heads
 
     def lookup_tokens(self, tree_masks_supported: bool) -> int:
-        """Prompt-lookup drafts per step for a model whose attention does (or does not) take tree masks.
+        """The most prompt-lookup drafts per step these options allow.
+
+        Args:
+            tree_masks_supported: whether the model's attention takes the 4-D mask of a tree verify pass.
+
+        Returns:
+            `mtp_lookup`, or for the automatic setting 10 where tree masks work and 0 elsewhere.
 
         Raises:
             ValueError: `mtp_lookup` was set above 0 for a model whose attention cannot verify it.
@@ -276,4 +282,3 @@ class DepthController:
     def _rate(self, depth: int) -> float:
         rate = self.expected_tokens(depth) / self._time(depth)
         return rate if math.isfinite(rate) else 0.0
-

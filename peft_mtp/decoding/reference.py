@@ -68,11 +68,12 @@ def reference_generate(
         #     down to 2 tokens unless `lookup_ngram` is 1).
         copied = []
         room = max_new_tokens - (len(ids) - len(prompt)) - 1
-        for n in range(lookup_ngram, min(MIN_LOOKUP_NGRAM, lookup_ngram) - 1, -1) if lookup and room > 0 else ():
-            starts = [i for i in range(len(ids) - n) if ids[i : i + n] == ids[len(ids) - n :]]
-            if starts:
-                copied = ids[starts[0] + n :][: min(lookup, room)]
-                break
+        if lookup and room > 0:
+            for n in range(lookup_ngram, min(MIN_LOOKUP_NGRAM, lookup_ngram) - 1, -1):
+                starts = [i for i in range(len(ids) - n) if ids[i : i + n] == ids[len(ids) - n :]]
+                if starts:
+                    copied = ids[starts[0] + n :][: min(lookup, room)]
+                    break
         # 2. Verify: what the model itself would emit next, one token at a time.
         greedy = []
         for _ in range(max(step_depth, len(copied)) + 1):

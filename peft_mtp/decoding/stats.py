@@ -23,7 +23,8 @@ class SpeculationStats:
         depth_steps: verify passes per draft depth used (`{depth: count}`).
         lookup_proposed: row-steps in which a prompt-lookup branch was verified (`mtp_lookup`).
         lookup_won: row-steps whose emitted drafts came from the lookup branch (it beat the heads' drafts).
-        lookup_tokens: drafts emitted from the lookup branch in those row-steps.
+        lookup_tokens: drafts accepted from the lookup branch in those row-steps (before a stopping criterion
+            cuts them).
         wall_time_s: time of the whole call (prefill included).
         prefill_time_s: time of the prefill pass.
         draft_time_s: time spent in the heads (drafting), prefill excluded.
@@ -73,7 +74,13 @@ class SpeculationStats:
                     self.accepted[k] += 1
 
     def record_lookup(self, proposed: list[int], head_accepted: list[int], lookup_accepted: list[int]) -> None:
-        """Count one verify pass's lookup branch: per row its drafts, and how deep the heads and the branch got."""
+        """Count one verify pass's lookup branch.
+
+        Args:
+            proposed: per row, the lookup drafts verified (0: none for that row).
+            head_accepted: per row, drafts accepted on the heads' nodes.
+            lookup_accepted: per row, drafts accepted on the lookup branch.
+        """
         for count, heads, lookup in zip(proposed, head_accepted, lookup_accepted):
             self.lookup_proposed += count > 0
             if lookup > heads:

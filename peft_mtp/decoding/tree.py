@@ -189,6 +189,8 @@ class DraftTree:
         """
         if length <= 0:
             return self
+        if self.lookup_length:
+            raise ValueError("This draft tree already has a lookup branch; add one to the heads' tree only.")
         return self._build(self.paths + [(LOOKUP,) * d for d in range(1, length + 1)], lookup_length=length)
 
     @classmethod
@@ -215,24 +217,20 @@ class DraftTree:
         return DraftTree(self.paths, self.depths.to(device), self.parents.to(device), self.ranks.to(device),
                          self.ancestor_mask.to(device), self.topk, self.is_chain, self.lookup_length)
 
-    def node_tokens(self, root: torch.Tensor, candidates: list[torch.Tensor],
-                    lookup: torch.Tensor | None = None) -> torch.Tensor:
-        """The token of every node, per row.
+    def node_tokens(self, root: torch.Tensor, candidates: list[torch.Tensor]) -> torch.Tensor:
+        """The token of every head node, per row (a lookup branch's tokens go after them).
 
         Args:
             root: `(B,)` the root token (the model's own choice, already verified).
             candidates: for each depth k = 1..D, `(B, topk[k-1])` head k's candidates, best first.
-            lookup: `(B, >= lookup_length)` the lookup branch's tokens, when the tree has one.
 
         Returns:
-            `(B, N)` token ids in node order.
+            `(B, N - lookup_length)` token ids in node order.
         """
         columns = [root[:, None]]
         for i in range(1, self.num_nodes - self.lookup_length):
             d, r = int(self.depths[i]), int(self.ranks[i])
             columns.append(candidates[d - 1][:, r : r + 1])
-        if self.lookup_length:
-            columns.append(lookup[:, : self.lookup_length])
         return torch.cat(columns, dim=1)
 
     def accept(self, tokens: torch.Tensor, choices: torch.Tensor) -> torch.Tensor:
@@ -240,8 +238,11 @@ class DraftTree:
 
         Node i is accepted when its parent is accepted and its token is what the model chose at its
         parent (`choices[:, parent]`: the argmax for greedy, a fresh sample for sampling). The root is
-        always accepted. The heads' sibling candidates are distinct tokens; a lookup branch may repeat
-        one of them, and then either accepted path holds the model's own tokens.
+        always accepted. The heads' sibling candidates are distinct tokens. A lookup branch's first
+        token may repeat a head candidate under the root; greedy decoding may then follow either
+        accepted path (both hold the model's argmax tokens), and sampling drops such a branch before
+        verifying (`SpeculativeDecoder._lookup`): choosing the deeper of two paths after sampling
+        below both would bias the distribution.
 
         Args:
             tokens: `(B, N)` node tokens (`node_tokens`).
@@ -269,19 +270,30 @@ class DraftTree:
             torch.zeros_like(head_depth)
         return depth_of_accepted.argmax(dim=1), head_depth, lookup_depth
 
-    def accept_by_source(self, tokens: torch.Tensor, choices: torch.Tensor, lookup_counts: torch.Tensor | None = None):
-        """`accept`, with the depths the heads' nodes and the lookup branch reached (see `accepted_depth`).
+    def accept_by_source(
+        self,
+        tokens: torch.Tensor,
+        choices: torch.Tensor,
+        lookup_counts: torch.Tensor | None = None,
+        depth_limit: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`accept`, with the depths the heads' nodes and the lookup branch reached.
 
         Args:
             tokens: `(B, N)` node tokens.
             choices: `(B, N)` the model's choice of the token after each node.
             lookup_counts: `(B,)` lookup drafts each row really has; its branch nodes past that hold filler and
                 are never accepted (default: all of them are drafts).
-        """
-        return self.accepted_depth(self._accepted(tokens, choices, lookup_counts))
+            depth_limit: `(B,)` deepest node each row may accept (its room for tokens, less the model's own
+                next one); default: no limit.
 
-    def _accepted(self, tokens: torch.Tensor, choices: torch.Tensor,
-                  lookup_counts: torch.Tensor | None = None) -> torch.Tensor:
+        Returns:
+            What `accepted_depth` returns: the deepest accepted node, the heads' depth and the lookup depth.
+        """
+        return self.accepted_depth(self._accepted(tokens, choices, lookup_counts, depth_limit))
+
+    def _accepted(self, tokens: torch.Tensor, choices: torch.Tensor, lookup_counts: torch.Tensor | None = None,
+                  depth_limit: torch.Tensor | None = None) -> torch.Tensor:
         """`(B, N)` bool: node accepted (its parent accepted and its token the model's choice there)."""
         batch = tokens.shape[0]
         accepted = torch.zeros(batch, self.num_nodes, dtype=torch.bool, device=tokens.device)
@@ -292,6 +304,8 @@ class DraftTree:
             if self.lookup_length and lookup_counts is not None:
                 depth = torch.arange(1, self.lookup_length + 1, device=tokens.device)[None]
                 match[:, -self.lookup_length :] &= depth <= lookup_counts[:, None]
+            if depth_limit is not None:
+                match &= self.depths[None, 1:] <= depth_limit[:, None]
             # Parents come before children, so one sweep in node order propagates acceptance down the tree.
             for i in range(1, self.num_nodes):
                 accepted[:, i] = match[:, i - 1] & accepted[:, int(self.parents[i])]
