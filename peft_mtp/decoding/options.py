@@ -21,8 +21,9 @@ OPTION_KWARGS = ("mtp_speculate", "mtp_depth", "mtp_tree", "mtp_lookup", "mtp_lo
 
 # Prompt-lookup drafts per step by default, and the longest n-gram matched (transformers' docs use
 # `prompt_lookup_num_tokens=10`). Matches of a single token are not used: on the main job's held-out
-# answers a 1-token match led to 0.46 accepted drafts per proposal on code (0.67 on chat), a 2-gram to
-# 2.3 (2.1) and a 3-gram to 5.6 (3.9), and each proposal widens the verify pass by up to 10 tokens.
+# answers a 1-token match led to 0.48 accepted drafts per proposal on code (0.67 on chat), a 2-gram to
+# 2.33 (2.14) and a 3-gram to 5.67 (3.95) (benchmarks/lookup_ngram_yield.py), and each proposal widens
+# the verify pass by up to 10 tokens.
 DEFAULT_LOOKUP_TOKENS = 10
 DEFAULT_LOOKUP_NGRAM = 3
 MIN_LOOKUP_NGRAM = 2
