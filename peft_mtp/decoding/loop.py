@@ -239,10 +239,11 @@ class SpeculativeDecoder:
     def _step(self) -> None:
         step_start = tick = time.perf_counter()
         depth = self.controller.choose()
-        depth = max(0, min(depth, int(self._room().max()) - 1))  # no drafts past the last allowed token
+        draft_room = self._room() - 1  # (R,) drafts each row may still accept before the model's own next token
+        depth = max(0, min(depth, int(draft_room.max())))  # no drafts past the last allowed token
         head_tree = self.shapes.tree(depth).to(self.rows.device)
         tokens, draft_probs = self._draft(head_tree, depth)  # (R, N) node tokens, root first
-        lookup, lookup_counts = self._lookup(tokens, head_tree) if self._lookup_now() else (None, None)
+        lookup, lookup_counts = self._lookup(tokens, head_tree, draft_room) if self._lookup_now() else (None, None)
         tree = head_tree
         if lookup_counts is not None:
             tree = self.shapes.tree(depth, int(lookup_counts.max())).to(self.rows.device)
@@ -258,7 +259,7 @@ class SpeculativeDecoder:
         else:
             choices = sample(scores) if self.do_sample else scores.argmax(dim=-1)  # (R, N)
             node, head_accepted, lookup_accepted = tree.accept_by_source(tokens, choices, lookup_counts,
-                                                                         depth_limit=self._room() - 1)
+                                                                         depth_limit=draft_room)
             bonus = choices.gather(1, node[:, None])[:, 0]
         path, keep = tree.path_to(node)  # (R, D + 1), (R,): the accepted nodes, root first
         emitted = torch.cat([tokens.gather(1, path)[:, 1:], bonus[:, None]], dim=1)  # (R, D + 1)
@@ -306,8 +307,8 @@ class SpeculativeDecoder:
             return self.lookup_tokens > 0
         return self.lookup_tokens > 0 and not self.do_sample and self.rows.numel() == 1
 
-    def _lookup(self, head_tokens: torch.Tensor, head_tree: DraftTree) -> tuple[torch.Tensor | None,
-                                                                                   torch.Tensor | None]:
+    def _lookup(self, head_tokens: torch.Tensor, head_tree: DraftTree,
+                room: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Prompt-lookup drafts of the active rows `(R, L)` and their counts `(R,)`; `(None, None)` for none.
 
         The match runs over each row's verified tokens and the root (the last emitted token), so the
@@ -316,8 +317,8 @@ class SpeculativeDecoder:
         Args:
             head_tokens: `(R, N)` the heads' node tokens of this step.
             head_tree: their tree.
+            room: `(R,)` drafts each row may still accept.
         """
-        room = self._room() - 1
         num_tokens = min(self.lookup_tokens, int(room.max()))
         if num_tokens <= 0:
             return None, None

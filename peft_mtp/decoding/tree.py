@@ -251,24 +251,7 @@ class DraftTree:
         Returns:
             `(B,)` index of the deepest accepted node of each row (the first in node order on a tie).
         """
-        return self.accepted_depth(self._accepted(tokens, choices))[0]
-
-    def accepted_depth(self, accepted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The deepest accepted node, and how deep the heads' nodes and the lookup branch each got.
-
-        Args:
-            accepted: `(B, N)` bool, which nodes are accepted (`_accepted`).
-
-        Returns:
-            `(B,)` deepest accepted node, `(B,)` depth of the deepest accepted head node, and `(B,)` that of the
-            deepest accepted lookup node (0 where none, or without a lookup branch).
-        """
-        depth_of_accepted = torch.where(accepted, self.depths[None, :], -1)
-        heads = self.num_nodes - self.lookup_length
-        head_depth = depth_of_accepted[:, :heads].amax(dim=1)
-        lookup_depth = depth_of_accepted[:, heads:].amax(dim=1).clamp(min=0) if self.lookup_length else \
-            torch.zeros_like(head_depth)
-        return depth_of_accepted.argmax(dim=1), head_depth, lookup_depth
+        return self.accept_by_source(tokens, choices)[0]
 
     def accept_by_source(
         self,
@@ -288,9 +271,17 @@ class DraftTree:
                 next one); default: no limit.
 
         Returns:
-            What `accepted_depth` returns: the deepest accepted node, the heads' depth and the lookup depth.
+            `(B,)` the deepest accepted node (the first in node order on a tie), `(B,)` the depth of the deepest
+            accepted head node, and `(B,)` that of the deepest accepted lookup node (0 where none, or without a
+            lookup branch).
         """
-        return self.accepted_depth(self._accepted(tokens, choices, lookup_counts, depth_limit))
+        accepted = self._accepted(tokens, choices, lookup_counts, depth_limit)
+        depth_of_accepted = torch.where(accepted, self.depths[None, :], -1)
+        heads = self.num_nodes - self.lookup_length
+        head_depth = depth_of_accepted[:, :heads].amax(dim=1)
+        lookup_depth = depth_of_accepted[:, heads:].amax(dim=1).clamp(min=0) if self.lookup_length else \
+            torch.zeros_like(head_depth)
+        return depth_of_accepted.argmax(dim=1), head_depth, lookup_depth
 
     def _accepted(self, tokens: torch.Tensor, choices: torch.Tensor, lookup_counts: torch.Tensor | None = None,
                   depth_limit: torch.Tensor | None = None) -> torch.Tensor:
