@@ -1,0 +1,71 @@
+"""The main job's stage bookkeeping (examples/main_job.py): what a rerun reuses and what it resumes."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import datasets
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+
+import main_job  # noqa: E402  (examples/ is not a package)
+
+
+class _Model:
+    dtype = torch.float32
+
+
+@pytest.fixture
+def fake_distiller(monkeypatch):
+    """`build_self_distilled_dataset` replaced by a recorder: answers are the prompts' ids, each call is logged."""
+    import peft_mtp.distill
+
+    calls = []
+
+    def build(model, tokenizer, rows, **kwargs):
+        calls.append(list(rows["id"]))
+        return datasets.Dataset.from_list([{"prompt": r["messages"], "completion": [{"role": "assistant",
+                                            "content": r["id"]}]} for r in rows])
+
+    monkeypatch.setattr(peft_mtp.distill, "build_self_distilled_dataset", build)
+    return calls
+
+
+def _prompts(count: int) -> datasets.Dataset:
+    return datasets.Dataset.from_list([{"id": f"p{i}", "kind": "chat",
+                                        "messages": [{"role": "user", "content": f"question {i}"}]}
+                                       for i in range(count)])
+
+
+def _distill(tmp_path, budget_min: float, clock_budget_min: float | None = None):
+    args = main_job.JobArguments(work_dir=str(tmp_path), mixed_precision="no", distill_batch_size=2,
+                                 distill_max_new_tokens=8, time_budget_min=budget_min)
+    clock = main_job.Clock(budget_min if clock_budget_min is None else clock_budget_min)
+    data, key = main_job.distill(args, _Model(), None, _prompts(12), "model", clock)
+    return sorted(c[0]["content"] for c in data["completion"]), key
+
+
+def test_a_distillation_cut_short_is_reused_by_the_same_budget_and_continued_by_a_larger_one(
+        tmp_path, fake_distiller, monkeypatch):
+    # A zero-second distill share: the first chunk (4 prompts) always runs, then the budget is spent.
+    monkeypatch.setitem(main_job.STAGE_BUDGET, "distill", 0.0)
+    answers, key = _distill(tmp_path, budget_min=30)
+    assert answers == ["p0", "p1", "p2", "p3"] and len(fake_distiller) == 1  # one chunk: 2 batches of 2 prompts
+
+    again, again_key = _distill(tmp_path, budget_min=30)  # the same flags: nothing generated, same data
+    assert (again, again_key) == (answers, key) and len(fake_distiller) == 1
+
+    monkeypatch.setitem(main_job.STAGE_BUDGET, "distill", 1.0)
+    more, more_key = _distill(tmp_path, budget_min=40)  # a larger budget resumes after the cached chunk
+    assert more == sorted(f"p{i}" for i in range(12)) and more_key != key
+    assert fake_distiller[1:] == [["p4", "p5", "p6", "p7"], ["p8", "p9", "p10", "p11"]]
+
+    final, final_key = _distill(tmp_path, budget_min=30)  # complete now: every budget reuses all of it
+    assert (final, final_key) == (more, more_key) and len(fake_distiller) == 3
+
+
+def test_bf16_matmul_check_returns_a_bool_from_interleaved_rounds():
+    assert main_job.bf16_matmul_is_faster(size=(64, 64, 64), repeats=1, rounds=2) in (True, False)
