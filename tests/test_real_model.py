@@ -93,7 +93,10 @@ def test_train_save_reload_speculative_equals_greedy(head_type, draft_vocab_size
 
 
 def test_prompt_splits_hold_out_evaluation_prompts_and_take_the_sources_in_turn():
-    splits = prompt_splits()
+    # By default HumanEval problems alternate with standard-library questions (no everyday requests).
+    default = ["code" if name.startswith("HumanEval/") else "stdlib" for name in prompt_splits()["train"]["id"]]
+    assert default[:280] == ["code", "stdlib"] * 140 and "code" not in default[280:]
+    splits = prompt_splits(num_train_everyday=192)
     train_ids = splits["train"]["id"]
     assert not set(train_ids) & (set(splits["eval_code"]["id"]) | set(splits["eval_chat"]["id"]))
     assert len(train_ids) == len(set(train_ids))
@@ -122,4 +125,4 @@ def test_everyday_training_prompts_never_ask_the_held_out_everyday_requests():
 def test_prompt_splits_rejects_more_everyday_prompts_than_written():
     with pytest.raises(ValueError, match="num_train_everyday must be between 0 and 310"):
         prompt_splits(num_train_everyday=311)
-    assert not any(name.startswith("everyday/") for name in prompt_splits(num_train_everyday=0)["train"]["id"])
+    assert not any(name.startswith("everyday/") for name in prompt_splits()["train"]["id"])
