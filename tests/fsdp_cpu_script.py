@@ -61,7 +61,7 @@ def shard(model):
     # The attributes `fsdp2_prepare_model` reads from an `Accelerator`; a real one refuses FSDP on CPU.
     accelerator = types.SimpleNamespace(
         state=types.SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None, mixed_precision="no",
-        is_main_process=dist.get_rank() == 0,
+        is_main_process=dist.get_rank() == 0, device=torch.device("cpu"),  # read by accelerate >= 1.16
     )
     return fsdp2_prepare_model(accelerator, model)
 
