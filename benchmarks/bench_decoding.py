@@ -62,7 +62,6 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))  # offline_data and smollm2 (examples/ is not a package)
 
 
-
 @dataclass
 class Result:
     """Accumulated measurements of one method on one workload and batch size."""

@@ -40,10 +40,10 @@ def _prompts(count: int) -> datasets.Dataset:
                                        for i in range(count)])
 
 
-def _distill(tmp_path, budget_min: float, clock_budget_min: float | None = None):
+def _distill(tmp_path, budget_min: float):
     args = main_job.JobArguments(work_dir=str(tmp_path), mixed_precision="no", distill_batch_size=2,
                                  distill_max_new_tokens=8, time_budget_min=budget_min)
-    clock = main_job.Clock(budget_min if clock_budget_min is None else clock_budget_min)
+    clock = main_job.Clock(budget_min)
     data, key = main_job.distill(args, _Model(), None, _prompts(12), "model", clock)
     return sorted(c[0]["content"] for c in data["completion"]), key
 
@@ -67,5 +67,18 @@ def test_a_distillation_cut_short_is_reused_by_the_same_budget_and_continued_by_
     assert (final, final_key) == (more, more_key) and len(fake_distiller) == 3
 
 
-def test_bf16_matmul_check_returns_a_bool_from_interleaved_rounds():
-    assert main_job.bf16_matmul_is_faster(size=(64, 64, 64), repeats=1, rounds=2) in (True, False)
+def test_bf16_check_keeps_the_best_round_of_each_dtype(monkeypatch):
+    # A fake clock: each timed pass lasts what this list says, in call order (float32, then bf16, per round). The
+    # first float32 pass is disturbed (10 s): one pass alone would call bf16 10x faster; the best rounds tie.
+    durations = iter([10.0, 1.0] + [1.0, 1.0] * 4)
+    now = [0.0]
+    started = [False]
+
+    def perf_counter():
+        if started[0]:
+            now[0] += next(durations)
+        started[0] = not started[0]
+        return now[0]
+
+    monkeypatch.setattr(main_job.time, "perf_counter", perf_counter)
+    assert main_job.bf16_matmul_is_faster(size=(8, 8, 8), repeats=1, rounds=5) is False
