@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
     from smollm2 import load_model_and_tokenizer, model_path  # noqa: E402  (examples/ is not a package)
 
-    from peft_mtp.fast_linear import fast_small_row_linear
+    from peft_mtp.fast_linear import fast_small_row_linear, measure_kernels
 
     torch.set_num_threads(args.threads)
     path = args.model if args.model and not args.model.endswith(".gguf") else str(model_path(args.model))
@@ -59,8 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     variants = {"stock F.linear": contextlib.nullcontext, "fast_small_row_linear": lambda: fast_small_row_linear(model)}
     times: dict[str, dict[int, list[float]]] = {name: {n: [] for n in args.new_tokens} for name in variants}
     with torch.no_grad():
+        # The kernel choice of every row bucket, measured first (it can differ from process to process where two
+        # kernels measure close), then one untimed pass per row count.
+        print("kernel per row bucket:", measure_kernels(model))
         with fast_small_row_linear(model):
-            for n in args.new_tokens:  # measure the kernel choice of every row count first
+            for n in args.new_tokens:
                 forward(n)
         for round_index in range(args.rounds):
             names = list(variants) if round_index % 2 == 0 else list(variants)[::-1]
