@@ -13,10 +13,13 @@ doubled from 4 to 15, while the product padded to 16 rows cost about the 16-row 
 The fast kernel depends on the CPU, so it is *measured*, and measured the way a forward pass uses it:
 the first time a row count meets a group of weights (the model's linear layers), every candidate kernel
 runs over the whole group, a few interleaved times, and the fastest is kept for the rest of the process.
-Row counts share the choice of their power-of-two bucket (1, 2, 3-4, 5-8, 9-16, 17-32, 33-64), so a process
-measures at most seven times; `measure_kernels` measures them all up front (benchmarks do, before timing).
 Timing one small weight over and over would keep it in the CPU cache and favour kernels that are slow
-on weights read from memory.
+on weights read from memory. Each row count up to `EXACT_ROWS` gets its own choice, because that is where
+the kernels' costs step: on an Intel Xeon here `F.linear` costs the 1-row time up to 3 rows and half as
+much again from 4, so a choice measured at 4 rows and reused at 3 (as an earlier bucketed version did)
+made a 3-token verify pass 25% slower than stock. Above `EXACT_ROWS`, row counts share the choice of their
+power-of-two bucket (17-32, 33-64). A process measures at most 18 times (about a second each on
+SmolLM2-135M); `measure_kernels` measures them all up front (benchmarks do, before timing).
 
 Every candidate computes the same product (`x @ W.T + b`); they differ only in float rounding order,
 so results agree to float tolerance, not bit for bit. Plain decoding speeds up too: benchmarks run plain
@@ -38,6 +41,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 # Row counts above this use F.linear unmeasured: kernels are efficient there.
 MAX_FAST_ROWS = 64  # batched verify passes (8 rows x a 6-token tree = 48) still gain 2x from packed weights here
+EXACT_ROWS = 16  # row counts measured one by one; above, per power-of-two bucket
 _PAD_ROWS = 16
 _SPLIT_ROWS = 3
 
@@ -214,12 +218,13 @@ if onednn_dtypes():
 
 
 def row_bucket(rows: int) -> int:
-    """The row count measured for `rows`: the smallest power of two >= rows (1, 2, 4, ..., 64).
+    """The row count measured for `rows`: `rows` itself up to `EXACT_ROWS`, else the next power of two (32, 64).
 
-    A speculative decoder meets many row counts (drafts, verify passes, heads catching up after a depth change);
-    measuring each would cost about a second apiece, so row counts share the choice of their bucket.
+    Small counts are where decoding lives (a plain step, a verify pass, the heads) and where kernel costs step
+    from one count to the next; batched passes meet many larger counts, which share the choice of their bucket
+    so that a process measures at most 18 times.
     """
-    return 1 << max(rows - 1, 0).bit_length()
+    return rows if rows <= EXACT_ROWS else 1 << (rows - 1).bit_length()
 
 
 class KernelChoice:
@@ -313,7 +318,7 @@ def _switched_linears(model: nn.Module) -> LinearGroup:
 @torch.no_grad()
 def measure_kernels(model: nn.Module, dtype: torch.dtype | None = None, choice: KernelChoice = DEFAULT_CHOICE
                     ) -> dict[int, str]:
-    """Measure the kernel of every row bucket (1, 2, 4, ..., `MAX_FAST_ROWS`) for `model`'s linear layers now.
+    """Measure the kernel of every row bucket (1, 2, ..., 16, 32, 64) for `model`'s linear layers now.
 
     Decoding measures a bucket the first time it meets it (about a second each on SmolLM2-135M). A speculative decoder
     that changes depth meets new buckets mid-generation (heads catching up on the positions a shallower step left
@@ -334,7 +339,7 @@ def measure_kernels(model: nn.Module, dtype: torch.dtype | None = None, choice: 
     first = group.modules[0]
     dtype = dtype or first.weight.dtype
     chosen = {}
-    for rows in (1 << i for i in range(MAX_FAST_ROWS.bit_length())):
+    for rows in sorted({row_bucket(rows) for rows in range(1, MAX_FAST_ROWS + 1)}):
         kernel = choice.kernel(torch.empty(rows, first.in_features, dtype=dtype, device=first.weight.device), group)
         chosen[rows] = next(name for name, fn in CANDIDATES.items() if fn is kernel)
     return chosen

@@ -49,10 +49,12 @@ def test_the_choice_is_measured_once_per_row_count_and_only_without_grad(monkeyp
             for _ in range(3):
                 torch.testing.assert_close(model(x), expected)
             model(x[:1])
-            model(torch.randn(4, 8))  # 3 and 4 rows share a bucket
-        assert measured == [4, 1]
+            model(torch.randn(4, 8))  # small counts are measured one by one: kernel costs step between them
+            model(torch.randn(20, 8))
+            model(torch.randn(32, 8))  # 17-32 rows share a bucket
+        assert measured == [3, 1, 4, 32]
         model(x).sum().backward()  # with autograd: stock F.linear, nothing measured
-        assert measured == [4, 1]
+        assert measured == [3, 1, 4, 32]
     assert "forward" not in model[0].__dict__  # the block restores the modules
 
 
@@ -60,8 +62,8 @@ def test_measure_kernels_fills_every_bucket_so_decoding_measures_nothing(monkeyp
     model = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 8))
     choice = KernelChoice(repeats=1)
     chosen = measure_kernels(model, choice=choice)
-    assert sorted(chosen) == [1, 2, 4, 8, 16, 32, 64] and set(chosen.values()) <= set(CANDIDATES)
-    assert len(choice.table) == 7
+    assert sorted(chosen) == [*range(1, 17), 32, 64] and set(chosen.values()) <= set(CANDIDATES)
+    assert len(choice.table) == 18
 
     def no_measuring(self, group, rows, dtype):
         raise AssertionError(f"measured {rows} rows again")
@@ -75,8 +77,8 @@ def test_measure_kernels_fills_every_bucket_so_decoding_measures_nothing(monkeyp
                 torch.testing.assert_close(model(x), reference)
 
 
-def test_row_buckets_are_powers_of_two():
-    assert [row_bucket(r) for r in (1, 2, 3, 4, 5, 8, 9, 16, 17, 64)] == [1, 2, 4, 4, 8, 8, 16, 16, 32, 64]
+def test_row_buckets_are_exact_up_to_16_then_powers_of_two():
+    assert [row_bucket(r) for r in (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64)] == [1, 2, 3, 4, 5, 8, 9, 16, 32, 32, 64, 64]
 
 
 needs_onednn = pytest.mark.skipif("onednn_packed" not in CANDIDATES, reason="this torch build has no oneDNN")
