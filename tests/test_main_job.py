@@ -82,3 +82,32 @@ def test_bf16_check_keeps_the_best_round_of_each_dtype(monkeypatch):
 
     monkeypatch.setattr(main_job.time, "perf_counter", perf_counter)
     assert main_job.bf16_matmul_is_faster(size=(8, 8, 8), repeats=1, rounds=5) is False
+
+
+def test_evaluation_reruns_the_same_command_in_a_fresh_process_that_keeps_the_job_clock(tmp_path, monkeypatch):
+    import subprocess
+
+    args = main_job.JobArguments(report_dir=str(tmp_path), head_type="ffn", num_heads=3)
+    monkeypatch.setattr(sys, "argv", ["main_job.py", "--head_type", "ffn", "--num_heads", "3"])
+    monkeypatch.setattr(main_job.time, "time", lambda: 1000.0)
+    clock = main_job.Clock(30)
+    calls = []
+
+    def fake_run(command, env):
+        calls.append((command, env))
+        child_clock_start = float(env[main_job.JOB_START_ENV])
+        main_job.write_json(tmp_path / "results-ffn-k3.json", {"results": {"code": {"start": child_clock_start}}})
+        return subprocess.CompletedProcess(command, returncode=0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(main_job.time, "time", lambda: 1600.0)  # ten minutes into the job
+    assert main_job.evaluate_in_fresh_process(args, clock) == {"code": {"start": 1000.0}}
+    (command, env), = calls
+    assert command == [sys.executable, os.path.abspath(main_job.__file__), "--head_type", "ffn", "--num_heads", "3"]
+    monkeypatch.setenv(main_job.JOB_START_ENV, env[main_job.JOB_START_ENV])
+    assert main_job.Clock(30).elapsed() == 600.0  # the child's clock counts from the parent's start
+
+    monkeypatch.setattr(subprocess, "run", lambda command, env: subprocess.CompletedProcess(command, returncode=3))
+    with pytest.raises(SystemExit) as failed:
+        main_job.evaluate_in_fresh_process(args, clock)
+    assert failed.value.code == 3

@@ -92,22 +92,47 @@ def test_train_save_reload_speculative_equals_greedy(head_type, draft_vocab_size
             assert out.mtp_stats.verify_steps > 0
 
 
+def _source(prompt_id: str) -> str:
+    return ("code" if prompt_id.startswith("HumanEval/") else "stub" if prompt_id.startswith("stub/")
+            else "everyday" if prompt_id.startswith("everyday/") else "stdlib")
+
+
 def test_prompt_splits_hold_out_evaluation_prompts_and_take_the_sources_in_turn():
-    # By default HumanEval problems alternate with standard-library questions (no everyday requests).
-    default = ["code" if name.startswith("HumanEval/") else "stdlib" for name in prompt_splits()["train"]["id"]]
-    assert default[:280] == ["code", "stdlib"] * 140 and "code" not in default[280:]
-    splits = prompt_splits(num_train_everyday=192)
+    # By default HumanEval problems, standard-library questions and function stubs in turn (no everyday requests).
+    default = [_source(name) for name in prompt_splits()["train"]["id"]]
+    assert default[:420] == ["code", "stdlib", "stub"] * 140 and "code" not in default[420:]
+    assert default.count("stub") == 359 and "everyday" not in default
+    splits = prompt_splits(num_train_everyday=192, num_train_stubs=100)
     train_ids = splits["train"]["id"]
     assert not set(train_ids) & (set(splits["eval_code"]["id"]) | set(splits["eval_chat"]["id"]))
     assert len(train_ids) == len(set(train_ids))
-    kinds = ["code" if name.startswith("HumanEval/") else "everyday" if name.startswith("everyday/") else "stdlib"
-             for name in train_ids]
-    num_train_humaneval = 164 - len(splits["eval_code"])
+    kinds = [_source(name) for name in train_ids]
     # One of each source in turn while each lasts: a job that distils only a prefix of the prompts gets the code
-    # problems, the standard-library questions and the everyday requests in equal numbers.
-    assert kinds[: 3 * num_train_humaneval] == ["code", "stdlib", "everyday"] * num_train_humaneval
-    assert "code" not in kinds[3 * num_train_humaneval:]
-    assert kinds.count("everyday") == 192
+    # problems, the standard-library questions, the stubs and the everyday requests in equal numbers.
+    assert kinds[:400] == ["code", "stdlib", "stub", "everyday"] * 100
+    assert kinds[400:520] == ["code", "stdlib", "everyday"] * 40 and "code" not in kinds[520:]
+    assert kinds.count("everyday") == 192 and kinds.count("stub") == 100
+
+
+def test_function_stubs_are_humaneval_style_python_from_training_modules_only():
+    import ast
+
+    from offline_data import CODE_INSTRUCTION, EVAL_MODULES, function_stub_prompts, humaneval_prompts
+    from offline_data import TRAIN_MODULES
+
+    stubs = function_stub_prompts(TRAIN_MODULES)
+    assert len(stubs) == 359 and stubs["id"] == function_stub_prompts(TRAIN_MODULES)["id"]  # deterministic
+    assert not [name for name in stubs["id"] for module in EVAL_MODULES if name.startswith(f"stub/{module}.")]
+    head = CODE_INSTRUCTION + "```python\n"
+    assert humaneval_prompts()[0]["messages"][0]["content"].startswith(head)  # the held-out code format
+    for messages in stubs["messages"]:
+        content = messages[0]["content"]
+        assert content.startswith(head) and content.endswith('"""\n```')
+        code = content[len(head):-len("\n```")]
+        function = ast.parse(code + "\n    ...").body[0]  # a valid stub: signature and docstring, body to write
+        assert isinstance(function, ast.FunctionDef) and ast.get_docstring(function)
+    with pytest.raises(ValueError, match="num_train_stubs must be between 0 and 359"):
+        prompt_splits(num_train_stubs=360)
 
 
 def test_everyday_training_prompts_never_ask_the_held_out_everyday_requests():
