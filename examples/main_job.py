@@ -48,7 +48,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling example modules
 
 import datasets  # noqa: E402
-from offline_data import prompt_splits  # noqa: E402
+from offline_data import EVERYDAY_EVAL_PROMPTS, prompt_splits  # noqa: E402
 from smollm2 import cache_root, load_model_and_tokenizer, model_path  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
@@ -96,6 +96,9 @@ class JobArguments:
         num_everyday_prompts: everyday requests among the training prompts (`offline_data.everyday_prompts`), taken
             in turn with HumanEval problems and standard-library questions (default none: in run 14, 192 of them left
             the heads' acceptance on everyday chat where it was and lowered code agreement; docs/benchmarks.md).
+        num_model_requests: chat requests the model writes itself, playing its user (the Magpie method,
+            `peft_mtp.distill.generate_user_requests`), taken in turn with the other sources; none near the held-out
+            prompts.
         num_stub_prompts: HumanEval-style stubs of standard-library functions among the training prompts
             (`offline_data.function_stub_prompts`, all 359 by default), taken in turn with the other sources.
         distill_max_new_tokens: longest self-distilled answer.
@@ -148,6 +151,9 @@ class JobArguments:
     num_train_prompts: int | None = field(default=None, metadata={"help": "Training prompts to distill."})
     num_everyday_prompts: int = field(default=0, metadata={"help": "Everyday requests among the training prompts "
                                                                     "(offline_data.everyday_prompts)."})
+    num_model_requests: int = field(default=0, metadata={"help": "Chat requests the model writes itself "
+                                                                         "(peft_mtp.distill.generate_user_requests) "
+                                                                         "among the training prompts."})
     num_stub_prompts: int | None = field(default=None, metadata={"help": "HumanEval-style stubs of standard-library "
                                                                        "functions among the training prompts "
                                                                        "(offline_data.function_stub_prompts; "
@@ -283,6 +289,26 @@ class Clock:
 
 def banner(text: str, clock: Clock) -> None:
     print(f"\n=== {text}  [{clock.elapsed() / 60:.1f} min]", flush=True)
+
+
+def model_requests(args: JobArguments, model, tokenizer, model_key: str, exclude: list[str]) -> list[str]:
+    """The chat requests the model writes itself (`peft_mtp.distill.generate_user_requests`), made once and cached.
+
+    Args:
+        exclude: held-out prompts no request may be near.
+    """
+    if not args.num_model_requests:
+        return []
+    from peft_mtp.distill import generate_user_requests
+
+    path = Path(args.work_dir) / f"requests-{settings_key(model_key, args.num_model_requests, args.seed, exclude)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    requests = generate_user_requests(model, tokenizer, args.num_model_requests,
+                                      batch_size=args.distill_batch_size, seed=args.seed, exclude=exclude)
+    write_json(path, requests)
+    print(f"{len(requests)} model-written requests")
+    return requests
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -817,9 +843,13 @@ def main(args: JobArguments, fresh_process_eval: bool = False) -> dict[str, Any]
     model_key = settings_key(os.path.abspath(path), str(model.dtype))
 
     banner("prompts", clock)
+    held_out = prompt_splits(num_eval_code=args.num_eval_code, num_eval_chat=args.num_eval_chat, num_train_stubs=0)
+    requests = model_requests(args, model, tokenizer, model_key,
+                              exclude=[m[0]["content"] for m in held_out["eval_chat"]["messages"]]
+                              + list(EVERYDAY_EVAL_PROMPTS))
     splits = prompt_splits(num_eval_code=args.num_eval_code, num_eval_chat=args.num_eval_chat,
                            num_train_everyday=args.num_everyday_prompts, num_train_stubs=args.num_stub_prompts,
-                           seed=args.seed)
+                           model_requests=requests, seed=args.seed)
     train_prompts = splits["train"]
     if args.num_train_prompts is not None:
         train_prompts = train_prompts.select(range(min(args.num_train_prompts, len(train_prompts))))

@@ -14,7 +14,10 @@ Four sources:
   day. `EVERYDAY_EVAL_PROMPTS`, the chat workload of `benchmarks/bench_decoding.py`, are held out: no training
   topic is one of theirs.
 
-A third source is plain text for teacher-forced training (`stdlib_source_texts`): the source files of the standard
+The main job adds a fifth, which needs the model: requests the model writes itself as its own user
+(`peft_mtp.distill.generate_user_requests`), passed to `prompt_splits` as `model_requests`.
+
+Beside the prompts, plain text for teacher-forced training (`stdlib_source_texts`): the source files of the standard
 library, on which heads learn the model's own greedy predictions (`head_target_source="argmax"`).
 
 Held-out evaluation prompts never overlap training: the last `num_eval_code` HumanEval problems, and chat prompts
@@ -29,6 +32,7 @@ import inspect
 import os
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
@@ -302,8 +306,8 @@ def stdlib_source_texts(seed: int = 0, exclude: tuple[str, ...] = EVAL_MODULES) 
 
 
 def prompt_splits(num_eval_code: int = 24, num_train_chat: int | None = None, num_eval_chat: int = 24,
-                  num_train_everyday: int = 0, num_train_stubs: int | None = None, seed: int = 0
-                  ) -> datasets.DatasetDict:
+                  num_train_everyday: int = 0, num_train_stubs: int | None = None,
+                  model_requests: Sequence[str] = (), seed: int = 0) -> datasets.DatasetDict:
     """Training prompts and held-out evaluation prompts that training never sees.
 
     Args:
@@ -314,12 +318,14 @@ def prompt_splits(num_eval_code: int = 24, num_train_chat: int | None = None, nu
             them moved everyday chat little and code agreement down, docs/benchmarks.md).
         num_train_stubs: how many HumanEval-style function stubs (`function_stub_prompts`) to train on (all by
             default), picked at random.
+        model_requests: chat requests the model wrote itself (`peft_mtp.distill.generate_user_requests`), trained
+            on as they come (ids "request/<n>").
         seed: shuffling seed.
 
     Returns:
         `DatasetDict` with "train", "eval_code" and "eval_chat". "train" takes the shuffled HumanEval problems, the
-        shuffled standard-library questions, the shuffled function stubs and the everyday requests in turn, one of
-        each while each lasts, so that a job that distils only the first N prompts still gets as many HumanEval
+        shuffled standard-library questions, the shuffled function stubs, the model's own requests and the everyday
+        requests in turn, one of each while each lasts, so that a job that distils only the first N prompts still gets as many HumanEval
         problems (the kind of the code evaluation) as it can. Random shuffling instead gave 46 of them in the
         first 320.
     """
@@ -341,7 +347,10 @@ def prompt_splits(num_eval_code: int = 24, num_train_chat: int | None = None, nu
             raise ValueError(f"num_train_stubs must be between 0 and {len(stubs)} (the function stubs of "
                              f"TRAIN_MODULES), got {num_train_stubs}.")
         stubs = stubs.select(range(num_train_stubs))
-    sources = (train_code, train_stdlib, stubs, everyday.select(range(num_train_everyday)))
+    requests = datasets.Dataset.from_list([{"id": f"request/{index}", "kind": "chat",
+                                            "messages": [{"role": "user", "content": text}]}
+                                           for index, text in enumerate(model_requests)])
+    sources = (train_code, train_stdlib, stubs, requests, everyday.select(range(num_train_everyday)))
     rows = []
     for index in range(max(len(split) for split in sources)):
         rows += [split[index] for split in sources if index < len(split)]

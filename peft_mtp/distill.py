@@ -19,6 +19,7 @@ usable together:
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -204,4 +205,109 @@ def build_self_distilled_dataset(
     return datasets.Dataset.from_dict({"prompt": parsed, "completion": completions, **extra_columns})
 
 
-__all__ = ["build_self_distilled_dataset", "generate_responses"]
+def request_prefix(tokenizer: Any) -> str:
+    """The chat template's text up to where a user's message begins (system prompt and user-turn header included).
+
+    Raises:
+        ValueError: the tokenizer has no chat template, or its template does not write the user's text as given.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("Model-written requests need a tokenizer with a chat template (`tokenizer.chat_template` is "
+                         "None).")
+    sentinel = "\x00peft_mtp request\x00"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False)
+    if sentinel not in text:
+        raise ValueError("The chat template does not write a user message as given, so where a request begins "
+                         "cannot be found; pass your own prompts instead.")
+    return text[: text.index(sentinel)]
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def _near(words: frozenset[str], others: Sequence[frozenset[str]], threshold: float) -> bool:
+    """Whether `words` shares at least `threshold` of its union (Jaccard) with one of `others`."""
+    return any(len(words & other) >= threshold * len(words | other) for other in others if words | other)
+
+
+def generate_user_requests(
+    model: nn.Module,
+    tokenizer: Any,
+    num_requests: int,
+    max_new_tokens: int = 64,
+    batch_size: int = 32,
+    temperature: float = 1.0,
+    top_p: float = 0.98,
+    seed: int = 0,
+    exclude: Sequence[str] = (),
+    max_batches: int | None = None,
+    show_progress: bool = True,
+) -> list[str]:
+    """Chat requests written by the model itself, playing its user.
+
+    The prompt is the chat template up to the start of a user's message (`request_prefix`), so an instruct
+    model writes what users ask it, in their register and on their topics: the Magpie method (Xu et al. 2024,
+    "Magpie: Alignment Data Synthesis from Scratch by Prompting Aligned LLMs with Nothing", arXiv:2406.08464).
+    Answers to these requests, distilled from the same model, teach heads how it answers everyday questions
+    when no such prompts are at hand offline. Kept: requests that end (an end-of-turn token within
+    `max_new_tokens`), have at least 3 words, and are not near an earlier one or an `exclude` text (same words:
+    Jaccard similarity of their word sets >= 0.6).
+
+    Args:
+        model: a causal LM or a PeftModel (adapters disabled while generating).
+        tokenizer: its tokenizer, with a chat template.
+        num_requests: how many requests to return.
+        max_new_tokens: longest request, in tokens (longer ones are dropped, not cut).
+        batch_size: requests sampled together.
+        temperature: sampling temperature.
+        top_p: nucleus sampling threshold.
+        seed: seed of the sampling (batch i samples with `seed + i`; the global RNG state is left as it was).
+        exclude: texts no request may be near, e.g. held-out evaluation prompts.
+        max_batches: batches tried before giving up (default: 4x the batches `num_requests` needs).
+        show_progress: show a tqdm progress bar.
+
+    Returns:
+        Up to `num_requests` requests (fewer if `max_batches` ran out), in the order they were sampled.
+    """
+    if num_requests < 0 or batch_size < 1:
+        raise ValueError(f"`num_requests` must be >= 0 and `batch_size` >= 1, got {num_requests} and {batch_size}.")
+    prefix = request_prefix(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    end_ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or tokenizer.eos_token_id
+    end_ids = torch.tensor(end_ids if isinstance(end_ids, list) else [end_ids])
+    device = next(model.parameters()).device
+    encoded = tokenizer([prefix] * batch_size, return_tensors="pt", add_special_tokens=False).to(device)
+    max_batches = max_batches if max_batches is not None else 4 * -(-num_requests // batch_size)
+    excluded = [_words(text) for text in exclude]
+    kept: list[frozenset[str]] = []
+    requests: list[str] = []
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=num_requests, desc="Model-written requests", disable=not show_progress)
+    try:
+        with _base_model(model), torch.inference_mode():
+            for index in range(max_batches):
+                if len(requests) >= num_requests:
+                    break
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed + index)
+                    output = model.generate(**encoded, do_sample=True, temperature=temperature, top_p=top_p,
+                                            max_new_tokens=max_new_tokens, pad_token_id=pad_id)
+                for tokens in output[:, encoded["input_ids"].shape[1]:].cpu():
+                    text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                    words = _words(text)
+                    if not torch.isin(tokens, end_ids).any() or len(text.split()) < 3:
+                        continue  # cut off by max_new_tokens, or no real request
+                    if _near(words, excluded, 0.6) or _near(words, kept, 0.6) or len(requests) >= num_requests:
+                        continue
+                    kept.append(words)
+                    requests.append(text)
+                    bar.update(1)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return requests
+
+
+__all__ = ["build_self_distilled_dataset", "generate_responses", "generate_user_requests", "request_prefix"]

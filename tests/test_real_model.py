@@ -93,8 +93,8 @@ def test_train_save_reload_speculative_equals_greedy(head_type, draft_vocab_size
 
 
 def _source(prompt_id: str) -> str:
-    return ("code" if prompt_id.startswith("HumanEval/") else "stub" if prompt_id.startswith("stub/")
-            else "everyday" if prompt_id.startswith("everyday/") else "stdlib")
+    prefix = prompt_id.split("/")[0]
+    return {"HumanEval": "code", "stub": "stub", "everyday": "everyday", "request": "request"}.get(prefix, "stdlib")
 
 
 def test_prompt_splits_hold_out_evaluation_prompts_and_take_the_sources_in_turn():
@@ -113,12 +113,18 @@ def test_prompt_splits_hold_out_evaluation_prompts_and_take_the_sources_in_turn(
     assert kinds[400:520] == ["code", "stdlib", "everyday"] * 40 and "code" not in kinds[520:]
     assert kinds.count("everyday") == 192 and kinds.count("stub") == 100
 
+    requests = [f"Can you tell me about topic {n}?" for n in range(30)]
+    with_requests = prompt_splits(num_train_stubs=10, model_requests=requests)["train"]
+    kinds = [_source(name) for name in with_requests["id"]]
+    assert kinds[:40] == ["code", "stdlib", "stub", "request"] * 10  # the model's requests are a source in turn
+    assert [m[0]["content"] for m, name in zip(with_requests["messages"], with_requests["id"])
+            if name.startswith("request/")] == requests
+
 
 def test_function_stubs_are_humaneval_style_python_from_training_modules_only():
     import ast
 
-    from offline_data import CODE_INSTRUCTION, EVAL_MODULES, function_stub_prompts, humaneval_prompts
-    from offline_data import TRAIN_MODULES
+    from offline_data import CODE_INSTRUCTION, EVAL_MODULES, TRAIN_MODULES, function_stub_prompts, humaneval_prompts
 
     stubs = function_stub_prompts(TRAIN_MODULES)
     assert len(stubs) == 359 and stubs["id"] == function_stub_prompts(TRAIN_MODULES)["id"]  # deterministic

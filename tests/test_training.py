@@ -21,7 +21,7 @@ from trl import SFTConfig, SFTTrainer
 
 from peft_mtp import MTPConfig, head_targets
 from peft_mtp.alignment import IGNORE_INDEX
-from peft_mtp.distill import build_self_distilled_dataset
+from peft_mtp.distill import build_self_distilled_dataset, generate_user_requests, request_prefix
 from peft_mtp.loss import FusedLinearCrossEntropy, Unembedding, fused_linear_cross_entropy
 from peft_mtp.training import expected_acceptance_length, mtp_param_groups
 
@@ -505,6 +505,54 @@ def test_build_self_distilled_dataset_batched_equals_one_by_one():
     plain = build_self_distilled_dataset(model, tokenizer, datasets.Dataset.from_dict({"prompt": ["t5 t6", "t7"]}),
                                          batch_size=2, **kwargs)
     assert plain.column_names == ["prompt", "completion"] and plain["completion"][0].startswith(" t")
+
+
+class _ScriptedWriter(torch.nn.Module):
+    """Stands in for a model in `generate_user_requests`: each `generate` call returns the next scripted batch."""
+
+    def __init__(self, tokenizer, batches: list[list[str]]):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.tokenizer, self.batches, self.calls = tokenizer, list(batches), []
+        self.generation_config = type("GenerationConfig", (), {"eos_token_id": tokenizer.eos_token_id})()
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        self.calls.append((input_ids.clone(), kwargs, torch.rand(1).item()))  # the draw shows the seed used
+        rows = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in self.batches.pop(0)]
+        width = max(len(row) for row in rows)
+        new = torch.tensor([row + [self.tokenizer.pad_token_id] * (width - len(row)) for row in rows])
+        return torch.cat([input_ids[: len(rows)], new], dim=1)
+
+
+def test_model_written_requests_are_complete_distinct_and_never_near_an_excluded_text():
+    tokenizer = make_tokenizer()
+    assert request_prefix(tokenizer) == "<s> "  # the template up to the user's text
+    batches = [
+        ["t5 t6 t7 </s>", "t5 t6 t7 t8", "t9 t10 t11 t12 </s>"],  # 2nd: no end of turn (cut by max_new_tokens)
+        ["t7 t6 t5 </s>", "t20 t21 </s>", "t30 t31 t32 t33 </s>"],  # same words as the 1st; too short; excluded
+        ["t40 t41 t42 </s>", "t50 t51 t52 </s>", "t60 t61 t62 </s>"],
+    ]
+    writer = _ScriptedWriter(tokenizer, batches)
+    state = torch.random.get_rng_state()
+    requests = generate_user_requests(writer, tokenizer, num_requests=3, batch_size=3, seed=7,
+                                      exclude=["t30 t31 t32 t34"], show_progress=False)
+    assert requests == ["t5 t6 t7", "t9 t10 t11 t12", "t40 t41 t42"]
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
+    prompts, kwargs, draws = zip(*writer.calls)
+    assert all(p.tolist() == [[1]] * 3 for p in prompts) and all(k["do_sample"] for k in kwargs)
+    seeded = []
+    for seed in (7, 8, 9):  # batch i samples with seed + i
+        torch.manual_seed(seed)
+        seeded.append(torch.rand(1).item())
+    assert list(draws) == seeded
+
+    # Too few distinct requests: stops after max_batches with what it has.
+    writer = _ScriptedWriter(tokenizer, [["t5 t6 t7 </s>"] * 2] * 2)
+    assert generate_user_requests(writer, tokenizer, num_requests=5, batch_size=2, max_batches=2,
+                                  show_progress=False) == ["t5 t6 t7"]
+    assert len(writer.calls) == 2
+    with pytest.raises(ValueError, match="chat template"):
+        request_prefix(PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer))
 
 
 def test_expected_acceptance_length():
