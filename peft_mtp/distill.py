@@ -11,6 +11,9 @@ usable together:
 * `MTPConfig(head_target_source="argmax" | "soft")` (see `peft_mtp.loss`): keep any data, but score
   heads against the model's own predictions of each token instead of the dataset's.
 
+Without prompts of the kind the model will serve, `generate_user_requests` has the model write them: it
+plays its own user (the Magpie method), and `build_self_distilled_dataset` then answers them.
+
     from peft_mtp.distill import build_self_distilled_dataset
     data = build_self_distilled_dataset(model, tokenizer, prompts, max_new_tokens=256, batch_size=16)
     SFTTrainer(model=model, train_dataset=data, peft_config=MTPConfig(num_heads=4), ...).train()
