@@ -151,3 +151,10 @@ if __name__ == "__main__":
     model = build_model(script_args)
     (training_args,) = HfArgumentParser(SFTConfig).parse_args_into_dataclasses(args=rest)
     main(script_args, model, training_args)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # Torn down by hand: left to interpreter exit, gloo's threads aborted one rank now and then ("terminate
+        # called without an active exception", SIGABRT after training had finished).
+        dist.barrier()
+        dist.destroy_process_group()
