@@ -48,7 +48,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling example modules
 
 import datasets  # noqa: E402
-from offline_data import EVERYDAY_EVAL_PROMPTS, prompt_splits  # noqa: E402
+from offline_data import EVERYDAY_EVAL_PROMPTS, eval_chat_prompts, prompt_splits  # noqa: E402
 from smollm2 import cache_root, load_model_and_tokenizer, model_path  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
@@ -297,8 +297,6 @@ def model_requests(args: JobArguments, model, tokenizer, model_key: str, exclude
     Args:
         exclude: held-out prompts no request may be near.
     """
-    if not args.num_model_requests:
-        return []
     from peft_mtp.distill import generate_user_requests
 
     path = Path(args.work_dir) / f"requests-{settings_key(model_key, args.num_model_requests, args.seed, exclude)}.json"
@@ -843,10 +841,10 @@ def main(args: JobArguments, fresh_process_eval: bool = False) -> dict[str, Any]
     model_key = settings_key(os.path.abspath(path), str(model.dtype))
 
     banner("prompts", clock)
-    held_out = prompt_splits(num_eval_code=args.num_eval_code, num_eval_chat=args.num_eval_chat, num_train_stubs=0)
-    requests = model_requests(args, model, tokenizer, model_key,
-                              exclude=[m[0]["content"] for m in held_out["eval_chat"]["messages"]]
-                              + list(EVERYDAY_EVAL_PROMPTS))
+    requests = []
+    if args.num_model_requests:
+        held_out = [m[0]["content"] for m in eval_chat_prompts(args.num_eval_chat, seed=args.seed)["messages"]]
+        requests = model_requests(args, model, tokenizer, model_key, exclude=held_out + list(EVERYDAY_EVAL_PROMPTS))
     splits = prompt_splits(num_eval_code=args.num_eval_code, num_eval_chat=args.num_eval_chat,
                            num_train_everyday=args.num_everyday_prompts, num_train_stubs=args.num_stub_prompts,
                            model_requests=requests, seed=args.seed)

