@@ -24,7 +24,7 @@ that produce them, so a rerun skips finished work and an interrupted stage conti
 5. sft       TRL's plain `SFTTrainer` with the MTP loss (`peft_mtp.training`), continuing from the warm-up;
 6. eval      top-1 agreement of each head with the model's greedy output on held-out prompts, then
              tokens/s of plain greedy `generate` vs speculative `generate` with the heads (chains, trees,
-             and trees with prompt-lookup drafts beside them), batch 1, alternating, and whether the tokens
+             and either with prompt-lookup drafts beside them), batch 1, alternating, and whether the tokens
              are identical;
 7. report    a table on stdout, `results.md` / `results.json` and a PNG plot in `--report_dir`.
 
@@ -127,8 +127,12 @@ class JobArguments:
         eval_max_new_tokens: tokens generated per timed prompt.
         eval_depths: chain-draft depths timed ("auto" = the decoder picks).
         eval_tree_depths: the same with tree drafts (`mtp_tree=True`); empty for none.
-        eval_lookup_depths: the same with tree drafts and prompt-lookup drafts beside them (`generate`'s default,
-            `mtp_lookup`); the other modes time the heads alone (`mtp_lookup=0`).
+        eval_chain_lookup_depths: chain drafts with prompt-lookup drafts beside them (what `generate` does by
+            default: `mtp_tree=None`, `mtp_lookup=None`).
+        eval_corpus_depths: chain and prompt-lookup drafts with corpus drafts (`mtp_lookup_corpus`, an n-gram
+            table of the distilled answers) where the prompt lookup finds nothing.
+        eval_lookup_depths: the same with tree drafts and prompt-lookup drafts beside them; the modes without
+            "lookup" time the heads alone (`mtp_lookup=0`).
         time_budget_min: the whole job's target wall time; stages stop early to stay within it.
         seed: seed of shuffles and training.
     """
@@ -177,6 +181,12 @@ class JobArguments:
     eval_depths: str = field(default="auto,1", metadata={"help": "Chain-draft depths timed, comma-separated."})
     eval_tree_depths: str = field(default="auto", metadata={"help": "Tree-draft depths timed, comma-separated "
                                                                      "('' for none)."})
+    eval_chain_lookup_depths: str = field(default="auto", metadata={"help": "Chain drafts with prompt-lookup drafts "
+                                                                             "beside them (generate's default): "
+                                                                             "depths timed ('' for none)."})
+    eval_corpus_depths: str = field(default="auto", metadata={"help": "Chain and lookup drafts with corpus drafts "
+                                                                       "from the distilled answers: depths timed "
+                                                                       "('' for none)."})
     eval_lookup_depths: str = field(default="auto", metadata={"help": "Tree drafts with prompt-lookup drafts "
                                                                        "beside them: depths timed ('' for none)."})
     time_budget_min: float = field(default=30.0, metadata={"help": "Target wall time of the whole job."})
@@ -205,14 +215,17 @@ class JobArguments:
 
     @property
     def modes(self) -> list[str]:
-        """The timed decoding modes: `depth=<d>` (chain drafts), `tree depth=<d>` (tree drafts) and
-        `tree+lookup depth=<d>` (tree and prompt-lookup drafts)."""
+        """The timed decoding modes: `depth=<d>` (chain drafts), `tree depth=<d>` (tree drafts),
+        `chain+lookup depth=<d>` and `tree+lookup depth=<d>` (the same with prompt-lookup drafts),
+        `chain+lookup+corpus depth=<d>` (and corpus drafts, `answer_corpus`)."""
 
         def depths(text: str) -> list:
             return [d if d == "auto" else int(d) for d in (x.strip() for x in text.split(",")) if d]
 
         return ([f"depth={d}" for d in depths(self.eval_depths)]
                 + [f"tree depth={d}" for d in depths(self.eval_tree_depths)]
+                + [f"chain+lookup depth={d}" for d in depths(self.eval_chain_lookup_depths)]
+                + [f"chain+lookup+corpus depth={d}" for d in depths(self.eval_corpus_depths)]
                 + [f"tree+lookup depth={d}" for d in depths(self.eval_lookup_depths)])
 
 
@@ -223,8 +236,8 @@ def mode_shape_and_depth(mode: str) -> tuple[str, str]:
         mode: a `JobArguments.modes` entry, or a `depth=<d>` key of results written before trees were timed.
 
     Returns:
-        `(drafts, depth)`: drafts `"chain"`, `"tree"` or `"tree+lookup"`, the depth as written (`"auto"` or a
-        number).
+        `(drafts, depth)`: drafts `"chain"`, `"tree"`, `"chain+lookup"`, `"tree+lookup"` or
+        `"chain+lookup+corpus"`, the depth as written (`"auto"` or a number).
     """
     drafts, _, depth = mode.rpartition("depth=")
     return drafts.strip() or "chain", depth
@@ -558,6 +571,27 @@ def train_heads(args: JobArguments, base_model, tokenizer, data: datasets.Datase
 
 
 @torch.no_grad()
+def answer_corpus(tokenizer, data: datasets.Dataset, heads_dir: Path):
+    """The n-gram table of the distilled answers (`peft_mtp.decoding.NgramCorpus`), saved beside the heads.
+
+    It drafts the lookup branch where a row's own text gave no match (`mtp_lookup_corpus`); `generate` does not
+    load it by itself: `NgramCorpus.load(heads_dir / "ngram_corpus.safetensors")`.
+
+    Returns:
+        The table (read back from the heads' folder when it is already there).
+    """
+    from peft_mtp.decoding import NgramCorpus
+
+    path = heads_dir / "ngram_corpus.safetensors"
+    if path.exists():
+        return NgramCorpus.load(path)
+    answers = [tokenizer(row[-1]["content"], add_special_tokens=False)["input_ids"] for row in data["completion"]]
+    corpus = NgramCorpus.from_sequences(answers)
+    corpus.save(path)
+    print(f"corpus drafts: {len(corpus)} n-grams of {len(answers)} answers ({path.name})")
+    return corpus
+
+
 def greedy_answers(model, tokenizer, prompts: datasets.Dataset, max_new_tokens: int, batch_size: int) -> list[list[int]]:
     """Plain greedy answers (token ids, EOS kept) of held-out prompts, batched with left padding."""
     answers = []
@@ -606,8 +640,13 @@ def head_agreement(peft_model, tokenizer, prompts: datasets.Dataset, answers: li
     return {"head_agreement": (hits / counts.clamp(min=1)).tolist(), "tokens_per_step_simulated": tokens / max(steps, 1)}
 
 
-def time_generation(peft_model, tokenizer, prompts: datasets.Dataset, args: JobArguments) -> dict[str, Any]:
-    """tokens/s of plain greedy vs speculative `generate`, batch 1, each prompt timed with both, order alternating."""
+def time_generation(peft_model, tokenizer, prompts: datasets.Dataset, args: JobArguments,
+                    corpus=None) -> dict[str, Any]:
+    """tokens/s of plain greedy vs speculative `generate`, batch 1, each prompt timed with both, order alternating.
+
+    Args:
+        corpus: the `NgramCorpus` of the `+corpus` modes.
+    """
     from tqdm.auto import tqdm
 
     from peft_mtp.fast_linear import fast_small_row_linear, measure_kernels
@@ -625,9 +664,11 @@ def time_generation(peft_model, tokenizer, prompts: datasets.Dataset, args: JobA
             with fast_small_row_linear(peft_model):
                 return peft_model.generate(**encoded, **kwargs, mtp_speculate=False)
         shape, depth = mode_shape_and_depth(mode)
-        drafts, _, lookup = shape.partition("+")
+        drafts, *extras = shape.split("+")
         kwargs.update(mtp_depth=depth if depth == "auto" else int(depth), mtp_tree=True if drafts == "tree" else None,
-                      mtp_lookup=None if lookup else 0, return_dict_in_generate=True)
+                      mtp_lookup=None if "lookup" in extras else 0, return_dict_in_generate=True)
+        if "corpus" in extras:
+            kwargs.update(mtp_lookup_corpus=corpus)
         return peft_model.generate(**encoded, **kwargs)
 
     # Warm-up: the kernel choice is measured once per process and row bucket; that cost is not decoding. All buckets
@@ -677,8 +718,12 @@ def time_generation(peft_model, tokenizer, prompts: datasets.Dataset, args: JobA
 
 
 def evaluate(args: JobArguments, peft_model, tokenizer, splits: datasets.DatasetDict, heads_dir: Path,
-             clock: Clock) -> dict[str, Any]:
-    """Agreement and speed on held-out code and chat prompts (cached per kind in the heads' folder)."""
+             clock: Clock, corpus=None) -> dict[str, Any]:
+    """Agreement and speed on held-out code and chat prompts (cached per kind in the heads' folder).
+
+    Args:
+        corpus: the `NgramCorpus` of the `+corpus` modes (`answer_corpus`).
+    """
     # Keyed by the timed modes: caches written before tree drafts were timed are not reused.
     key = settings_key(args.num_eval_code, args.num_eval_chat, args.num_speed_prompts, args.eval_max_new_tokens,
                        args.modes, args.threads)
@@ -696,7 +741,7 @@ def evaluate(args: JobArguments, peft_model, tokenizer, splits: datasets.Dataset
         print(f"eval ({kind}): head agreement {[round(a, 3) for a in agreement['head_agreement']]}, simulated "
               f"tokens/step {agreement['tokens_per_step_simulated']:.2f}")
         banner(f"eval ({kind}): timing {args.num_speed_prompts} prompts, batch 1", clock)
-        timing = time_generation(peft_model, tokenizer, prompts.select(range(args.num_speed_prompts)), args)
+        timing = time_generation(peft_model, tokenizer, prompts.select(range(args.num_speed_prompts)), args, corpus)
         results[kind] = {**agreement, **timing, "num_prompts": len(prompts)}
         write_json(path, results)
     return results
@@ -746,11 +791,13 @@ def plot(all_results: dict[str, dict[str, Any]], path: Path) -> None:
             color, name = next(colors), f"{label}, {kind}"
             agreement = results[kind]["head_agreement"]
             left.plot(range(1, len(agreement) + 1), agreement, marker=marker, color=color, label=name)
-            speedups = {"chain": [], "tree": [], "tree+lookup": []}  # (depth, speed-up) per kind of drafts
+            # (depth, speed-up) per kind of drafts
+            speedups = {"chain": [], "tree": [], "chain+lookup": [], "tree+lookup": [], "chain+lookup+corpus": []}
             for mode, row in results[kind]["modes"].items():
                 shape, depth = mode_shape_and_depth(mode)
                 speedups.setdefault(shape, []).append((depth, row["speedup"]))
-            for shape, style, auto_marker in (("chain", "-", "*"), ("tree", "--", "P"), ("tree+lookup", ":", "X")):
+            for shape, style, auto_marker in (("chain", "-", "*"), ("tree", "--", "P"), ("chain+lookup", "-.", "D"),
+                                              ("tree+lookup", ":", "X"), ("chain+lookup+corpus", "-.", "v")):
                 depths = speedups[shape]
                 fixed = sorted((int(d), s) for d, s in depths if d != "auto")
                 if fixed:
@@ -766,7 +813,7 @@ def plot(all_results: dict[str, dict[str, Any]], path: Path) -> None:
              ylabel="agreement", ylim=(0, 1), xticks=range(1, max_depth + 1))
     right.axhline(1.0, color="grey", lw=0.8)
     right.set(title="Speed-up vs plain greedy generate (batch 1)",
-              xlabel="draft depth (at 'auto': * chain, + tree, x tree and lookup)",
+              xlabel="draft depth (at 'auto': * chain, + tree, diamond chain+lookup, x tree+lookup, v +corpus)",
               ylabel="tokens/s ratio", xticks=range(0, max_depth + 1),
               xticklabels=["auto"] + [str(d) for d in range(1, max_depth + 1)])
     left.legend(fontsize=8)
@@ -862,7 +909,8 @@ def main(args: JobArguments, fresh_process_eval: bool = False) -> dict[str, Any]
     if trained_now and fresh_process_eval:
         del peft_model, model, data
         return evaluate_in_fresh_process(args, clock)
-    results = evaluate(args, peft_model, tokenizer, splits, heads_dir, clock)
+    corpus = answer_corpus(tokenizer, data, heads_dir) if args.eval_corpus_depths.strip() else None
+    results = evaluate(args, peft_model, tokenizer, splits, heads_dir, clock, corpus)
     report(args, results, log, clock)
     return results
 

@@ -111,3 +111,31 @@ def test_evaluation_reruns_the_same_command_in_a_fresh_process_that_keeps_the_jo
     with pytest.raises(SystemExit) as failed:
         main_job.evaluate_in_fresh_process(args, clock)
     assert failed.value.code == 3
+
+
+class _CharTokenizer:
+    """Token ids are character codes."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_answer_corpus_is_built_from_the_answers_saved_beside_the_heads_and_read_back(tmp_path):
+    data = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": "q"}],
+                                        "completion": [{"role": "assistant", "content": text}]}
+                                       for text in ("Sure! Here is", "Sure! Here it is", "Sure! Here is x")])
+    corpus = main_job.answer_corpus(_CharTokenizer(), data, tmp_path)
+    assert (tmp_path / "ngram_corpus.safetensors").exists()
+    assert "".join(map(chr, corpus.draft([ord(c) for c in "Sur"], 6))) == "e! Her"
+    again = main_job.answer_corpus(None, None, tmp_path)  # read back: neither tokenizer nor data needed
+    assert again.followers == corpus.followers
+
+
+def test_timed_modes_cover_chain_tree_lookup_and_corpus_drafts():
+    modes = main_job.JobArguments().modes
+    assert modes == ["depth=auto", "depth=1", "tree depth=auto", "chain+lookup depth=auto",
+                     "chain+lookup+corpus depth=auto", "tree+lookup depth=auto"]
+    assert [main_job.mode_shape_and_depth(m) for m in modes[3:]] == [("chain+lookup", "auto"),
+                                                                    ("chain+lookup+corpus", "auto"),
+                                                                    ("tree+lookup", "auto")]
+    assert main_job.JobArguments(eval_corpus_depths="", eval_depths="2").modes[:1] == ["depth=2"]

@@ -4,9 +4,11 @@
 what it covers). Options are `generate` keyword arguments (`SpeculationOptions`); statistics come
 back as `output.mtp_stats` with `return_dict_in_generate=True`. `reference_generate` is the same
 algorithm in a short loop without caches, which the tests compare the optimised loop against.
-`prompt_lookup` drafts copies of earlier text, verified beside the heads' drafts (`mtp_lookup`).
+`prompt_lookup` drafts copies of earlier text, verified beside the heads' drafts (`mtp_lookup`);
+`NgramCorpus` drafts how a corpus most often went on (`mtp_lookup_corpus`).
 """
 
+from .corpus import NgramCorpus
 from .generate import generate_with_heads
 from .lookup import prompt_lookup
 from .loop import MTPGenerateOutput, SpeculativeDecoder, speculative_generate
@@ -18,6 +20,7 @@ from .tree import DraftTree, chain_paths, default_chain_tree_paths, default_tree
 __all__ = [
     "DraftTree",
     "MTPGenerateOutput",
+    "NgramCorpus",
     "SpeculationOptions",
     "SpeculationStats",
     "SpeculativeDecoder",

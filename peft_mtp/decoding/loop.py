@@ -35,6 +35,7 @@ from .tree import DraftTree
 
 if TYPE_CHECKING:
     from ..model import MTPModel
+    from .corpus import NgramCorpus
 
 # `_drop_finished` returns this when no row left the batch (nothing to select).
 ALL_ROWS = None
@@ -326,6 +327,9 @@ class SpeculativeDecoder:
         drafts, counts = prompt_lookup(self.sequences[:, : int(lengths.max())][self.rows], self.left_pad[self.rows],
                                        lengths, num_tokens, max_ngram=self.options.lookup_ngram,
                                        min_ngram=min(MIN_LOOKUP_NGRAM, self.options.lookup_ngram))
+        corpus = self.options.lookup_corpus
+        if corpus is not None and not bool(counts.all()):
+            drafts, counts = self._corpus_drafts(corpus, drafts, counts, lengths, num_tokens)
         counts = torch.minimum(counts, room.clamp(min=0))
         if self.do_sample:
             # Two accepted nodes with the same token under the root would let the samples below them choose
@@ -334,6 +338,19 @@ class SpeculativeDecoder:
             counts = torch.where((first == drafts[:, :1]).any(dim=1), 0, counts)
         if not bool(counts.any()):
             return None, None
+        return drafts, counts
+
+    def _corpus_drafts(self, corpus: NgramCorpus, drafts: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor,
+                       num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`drafts` and `counts` with the corpus's drafts filled in for the rows the prompt lookup left empty."""
+        drafts, counts = drafts.clone(), counts.clone()
+        starts = torch.maximum(self.left_pad[self.rows], lengths - corpus.max_ngram)
+        for i in (counts == 0).nonzero()[:, 0].tolist():
+            row = self.rows[i]
+            tokens = corpus.draft(self.sequences[row, int(starts[i]) : int(lengths[i])].tolist(), num_tokens)
+            if tokens:
+                drafts[i, : len(tokens)] = torch.tensor(tokens, dtype=drafts.dtype, device=drafts.device)
+                counts[i] = len(tokens)
         return drafts, counts
 
     def _draft(self, tree: DraftTree, depth: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .corpus import NgramCorpus
 from .tree import (
     DraftTree,
     Path,
@@ -16,8 +17,8 @@ from .tree import (
 )
 
 # The `generate` keyword arguments this package reads (and removes before transformers sees them).
-OPTION_KWARGS = ("mtp_speculate", "mtp_depth", "mtp_tree", "mtp_lookup", "mtp_lookup_ngram", "mtp_trace",
-                 "mtp_fast_linear")
+OPTION_KWARGS = ("mtp_speculate", "mtp_depth", "mtp_tree", "mtp_lookup", "mtp_lookup_ngram", "mtp_lookup_corpus",
+                 "mtp_trace", "mtp_fast_linear")
 
 # Prompt-lookup drafts per step by default, and the longest n-gram matched (transformers' docs use
 # `prompt_lookup_num_tokens=10`). Matches of a single token are not used: on the main job's held-out
@@ -53,6 +54,9 @@ class SpeculationOptions:
             drafts up to that many at every step, batches and sampling included; 0 turns it off.
         lookup_ngram (`int`, defaults to 3): `mtp_lookup_ngram`. Longest n-gram the lookup matches
             (it tries shorter ones down to 2 tokens; 1 matches single tokens too).
+        lookup_corpus (`NgramCorpus` or `None`, defaults to `None`): `mtp_lookup_corpus`. A table of a
+            corpus's n-grams (`peft_mtp.decoding.corpus`) that drafts the lookup branch for rows whose own
+            text gave no match; used whenever lookup drafts are (see `lookup`).
         trace (`bool`, defaults to `False`): `mtp_trace`. Record, per verify pass, how many drafts
             each row accepted (`output.mtp_stats.trace`).
         fast_linear (`bool`, defaults to `True`): `mtp_fast_linear`. On CPU, run the model's and the
@@ -65,6 +69,7 @@ class SpeculationOptions:
     tree: None | bool | list = None
     lookup: int | None = None
     lookup_ngram: int = DEFAULT_LOOKUP_NGRAM
+    lookup_corpus: NgramCorpus | None = None
     trace: bool = False
     fast_linear: bool = True
 
@@ -81,6 +86,7 @@ class SpeculationOptions:
             tree=kwargs.pop("mtp_tree", None),
             lookup=kwargs.pop("mtp_lookup", None),
             lookup_ngram=kwargs.pop("mtp_lookup_ngram", DEFAULT_LOOKUP_NGRAM),
+            lookup_corpus=kwargs.pop("mtp_lookup_corpus", None),
             trace=kwargs.pop("mtp_trace", False),
             fast_linear=kwargs.pop("mtp_fast_linear", True),
         )
@@ -98,6 +104,9 @@ class SpeculationOptions:
         if not (isinstance(ngram, int) and not isinstance(ngram, bool) and ngram >= 1):
             raise ValueError(f"`mtp_lookup_ngram` must be an integer >= 1 (the longest n-gram to match), "
                              f"got {ngram!r}.")
+        if not (options.lookup_corpus is None or isinstance(options.lookup_corpus, NgramCorpus)):
+            raise ValueError(f"`mtp_lookup_corpus` must be None or a peft_mtp.decoding.NgramCorpus (build one with "
+                             f"NgramCorpus.from_sequences or NgramCorpus.load), got {type(options.lookup_corpus)}.")
         if not (options.tree is None or isinstance(options.tree, (bool, list, tuple))):
             raise ValueError(
                 f"`mtp_tree` must be None (chain), True (default tree) or a list of paths such as "
