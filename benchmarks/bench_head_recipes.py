@@ -18,7 +18,8 @@ A recipe is a `/`-separated list: `k<K>` heads, `v<N>` draft vocabulary (`v0` = 
 model's distribution over the draft vocabulary instead of its argmax), `b<rows>` (train on batches of that many
 rows, split from the cached batches of 8), `data<fraction>` (a random share of the distilled answers' batches:
 how held-out agreement grows with data), `nosource` (the distilled answers only,
-without the source windows). Unset parts take the first recipe's defaults: K=2, v2048,
+without the source windows), `fl<i>+<j>...` (`MTPConfig.feature_layers`: the heads also read the outputs of trunk
+layers i, j, ..., fused into the trunk output; e.g. `fl2+15`). Unset parts take the first recipe's defaults: K=2, v2048,
 lr 1e-3, feat 0, float32, batches of 8 rows, all the data. All heads are `sequential` (`--head_type` to change).
 The training data is cached with the trunk under bf16 autocast where the main job would use it (`--cache_dtype`);
 the held-out prompts always in float32, as they are evaluated.
@@ -29,6 +30,7 @@ It distils the answers itself when the main job has not (same settings, same cac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import sys
@@ -67,6 +69,7 @@ class Recipe:
     batch_rows: int = 8
     data_fraction: float = 1.0
     source: bool = True
+    feature_layers: tuple[int, ...] = ()
 
     @classmethod
     def parse(cls, spec: str) -> Recipe:
@@ -82,6 +85,8 @@ class Recipe:
                 recipe.learning_rate = float(part[2:])
             elif part.startswith("feat") and _is_number(part[4:]):
                 recipe.feature_loss_weight = float(part[4:])
+            elif part.startswith("fl") and all(i.isdigit() for i in part[2:].split("+")):
+                recipe.feature_layers = tuple(sorted(int(i) for i in part[2:].split("+")))
             elif part.startswith("data") and _is_number(part[4:]):
                 recipe.data_fraction = float(part[4:])
             elif part[:1] == "b" and part[1:].isdigit():
@@ -92,7 +97,7 @@ class Recipe:
                 recipe.draft_vocab_size = int(part[1:])
             else:
                 raise SystemExit(f"Unknown recipe part {part!r} in {spec!r}: expected k<K>, v<N>, lr<rate>, "
-                                 "feat<weight>, bf16, soft, b<rows>, data<fraction> or nosource.")
+                                 "feat<weight>, bf16, soft, b<rows>, data<fraction>, fl<i>+<j> or nosource.")
         if recipe.num_heads < 1 or recipe.batch_rows < 1 or not 0.0 < recipe.data_fraction <= 1.0:
             raise SystemExit(f"Recipe {spec!r}: k<K> and b<rows> must be >= 1 and data<fraction> in (0, 1].")
         return recipe
@@ -124,6 +129,15 @@ def held_out_rows(model, tokenizer, prompts, max_new_tokens: int):
     return rows
 
 
+def with_layers(batch, cached_layers: list[int], wanted: tuple[int, ...]):
+    """`batch` with the cached layer outputs cut down to the layers `wanted` (a view, no copy of the rest)."""
+    index = [cached_layers.index(layer) for layer in wanted]
+    if index == list(range(len(cached_layers))):
+        return batch
+    outputs = batch.layer_outputs[:, :, index] if index else None
+    return dataclasses.replace(batch, layer_outputs=outputs)
+
+
 @torch.no_grad()
 def agreement(peft_model, cached) -> list[float]:
     """Teacher-forced top-1 agreement of each head with the labels (the greedy answers) of cached batches."""
@@ -135,8 +149,8 @@ def agreement(peft_model, cached) -> list[float]:
     for batch in cached:
         context = HeadContext(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                               layer_kwargs=batch.layer_kwargs, embed=trunk.embed)
-        result = tuner.compute_mtp_loss(heads(batch.hidden, context), batch.labels, trunk_hidden=batch.hidden,
-                                        target_source="labels")
+        result = tuner.compute_mtp_loss(heads(batch.head_input(heads), context), batch.labels,
+                                        trunk_hidden=batch.hidden, target_source="labels")
         hits, counts = hits + result.head_correct.float(), counts + result.head_counts.float()
     heads.train(was_training)
     return (hits / counts.clamp(min=1)).tolist()
@@ -168,8 +182,11 @@ def main() -> None:
     cache_dtype = torch.bfloat16 if cache_bf16 else None
     data, _ = main_job.distill(job_args, model, tokenizer, train_prompts, model_key, main_job.Clock(10_000))
 
-    # One cache for every recipe: the trunk is frozen, and argmax targets do not depend on the heads.
-    cache_model = get_peft_model(model, MTPConfig(num_heads=1, head_type=args.head_type, head_target_source="argmax"))
+    # One cache for every recipe: the trunk is frozen, and argmax targets do not depend on the heads. It holds the
+    # outputs of every layer some recipe fuses; each recipe takes its own (`with_layers`).
+    cached_layers = sorted({index for recipe in recipes for index in recipe.feature_layers})
+    cache_model = get_peft_model(model, MTPConfig(num_heads=1, head_type=args.head_type, head_target_source="argmax",
+                                                  feature_layers=cached_layers or None))
     rows = tokenized_rows(job_args, cache_model, tokenizer, data)
     windows = main_job.text_windows(tokenizer, args.num_text_tokens, 512, seed=0)
     pad = tokenizer.pad_token_id
@@ -193,7 +210,8 @@ def main() -> None:
         config = MTPConfig(num_heads=recipe.num_heads, head_type=args.head_type, head_weight_schedule="uniform",
                            draft_vocab_size=recipe.draft_vocab_size or None,
                            head_target_source="soft" if recipe.soft else "argmax",
-                           head_feature_loss_weight=recipe.feature_loss_weight)
+                           head_feature_loss_weight=recipe.feature_loss_weight,
+                           feature_layers=list(recipe.feature_layers) or None)
         base, _ = load_model_and_tokenizer(str(model_path()), device="cpu")  # a fresh model for each recipe
         peft_model = get_peft_model(base, config)
         main_job.start_decoder_layers_as_identity(peft_model)
@@ -201,12 +219,14 @@ def main() -> None:
         if recipe.data_fraction < 1.0:
             used = random.Random(0).sample(answers, max(1, round(recipe.data_fraction * len(answers))))
         batches = [part for batch in used + (source if recipe.source else []) for part in batch.split(recipe.batch_rows)]
+        batches = [with_layers(batch, cached_layers, recipe.feature_layers) for batch in batches]
         if recipe.draft_vocab_size:
             fit_draft_vocabulary(peft_model, [row.tolist() for batch in batches for row in batch.labels])
         result = warmup_heads(peft_model, batches, epochs=1000, learning_rate=recipe.learning_rate,
                               time_limit_s=args.seconds, progress=False,
                               autocast_dtype=torch.bfloat16 if recipe.bf16 else None)
-        code, chat = agreement(peft_model, held_out["code"]), agreement(peft_model, held_out["chat"])
+        code, chat = (agreement(peft_model, [with_layers(b, cached_layers, recipe.feature_layers) for b in held_out[kind]])
+                      for kind in ("code", "chat"))
 
         def show(values):
             return " / ".join(f"{v:.3f}" for v in values[:2])

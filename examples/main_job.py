@@ -86,6 +86,7 @@ class JobArguments:
         num_layers: layers per head.
         draft_vocab_size: tokens the heads predict over (`MTPConfig.draft_vocab_size`; 0 = the whole vocabulary).
         feature_loss_weight: `MTPConfig.head_feature_loss_weight` (EAGLE's feature regression).
+        feature_layers: `MTPConfig.feature_layers`, comma-separated (empty: the trunk output alone).
 
     > Parameters that control the data
 
@@ -150,6 +151,8 @@ class JobArguments:
     num_layers: int = field(default=1, metadata={"help": "Layers per head."})
     feature_loss_weight: float = field(default=0.0, metadata={"help": "MTPConfig.head_feature_loss_weight: heads also "
                                                                       "regress the trunk state they stand for."})
+    feature_layers: str = field(default="", metadata={"help": "MTPConfig.feature_layers, comma-separated: trunk layers "
+                                                               "whose outputs the heads also read ('' for none)."})
     draft_vocab_size: int = field(default=2048, metadata={"help": "Tokens the heads predict over, the most frequent "
                                                                    "of the training answers (0: the whole vocabulary)."})
     num_train_prompts: int | None = field(default=None, metadata={"help": "Training prompts to distill."})
@@ -207,6 +210,15 @@ class JobArguments:
         if self.mixed_precision == "auto":
             self.mixed_precision = "bf16" if gpu or bf16_matmul_is_faster() else "no"
         return self
+
+    @property
+    def feature_layer_indices(self) -> list[int]:
+        """`--feature_layers` as a list of layer indices."""
+        try:
+            return [int(part) for part in self.feature_layers.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(f"--feature_layers must be comma-separated layer indices (e.g. 2,15), got "
+                             f"{self.feature_layers!r}.") from None
 
     @property
     def train_dtype(self) -> torch.dtype | None:
@@ -502,7 +514,8 @@ def train_heads(args: JobArguments, base_model, tokenizer, data: datasets.Datase
     # Targets: the model's own greedy predictions (on its distilled answers they are the answers themselves).
     mtp_config = MTPConfig(num_heads=args.num_heads, head_type=args.head_type, num_layers=args.num_layers,
                            head_weight_schedule="uniform", draft_vocab_size=args.draft_vocab_size or None,
-                           head_target_source="argmax", head_feature_loss_weight=args.feature_loss_weight)
+                           head_target_source="argmax", head_feature_loss_weight=args.feature_loss_weight,
+                           feature_layers=args.feature_layer_indices or None)
     key = settings_key(data_key, mtp_config.to_dict(), args.warmup_epochs, args.warmup_learning_rate,
                        args.num_text_tokens, args.text_window, args.sft_epochs, args.sft_learning_rate,
                        args.sft_batch_size, args.seed, args.mixed_precision, args.warmup_batch_size)
@@ -828,10 +841,12 @@ def report(args: JobArguments, results: dict[str, Any], log: dict[str, Any], clo
     report_dir = Path(args.report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     table = format_table(args, results)
-    label = f"{args.head_type} K={args.num_heads}"
+    layers = args.feature_layer_indices
+    label = f"{args.head_type} K={args.num_heads}" + (f" + layers {','.join(map(str, layers))}" if layers else "")
     summary = {"label": label, "arguments": asdict(args), "results": results, "training": log,
                "job_minutes": clock.elapsed() / 60}
-    write_json(report_dir / f"results-{args.head_type}-k{args.num_heads}.json", summary)
+    suffix = "".join(f"-l{index}" for index in layers)  # one series per head setting in the plot
+    write_json(report_dir / f"results-{args.head_type}-k{args.num_heads}{suffix}.json", summary)
     all_results = {}
     for other in sorted(report_dir.glob("results-*.json")):
         entry = json.loads(other.read_text())

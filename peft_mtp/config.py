@@ -65,6 +65,13 @@ class MTPConfig(PeftConfig):
         mha_num_attention_heads (`int`, *optional*):
             Attention heads of `mha_ffn` heads. Defaults to the base model's `num_attention_heads`
             when it divides the hidden size, else 1.
+        feature_layers (`list[int]`, *optional*):
+            Decoder layers of the trunk (0-based, the last excluded) whose outputs the heads read beside the
+            trunk output, fused into it position by position by a learned projection that starts at zero
+            (EAGLE-3's multi-layer features). Low layers still carry the current token's identity, which the
+            last layer has traded for the next token's, so a head can match the current token against earlier
+            text and copy what followed it. Costs one `(n x hidden) -> hidden` projection per new position.
+            `None`: the trunk output alone.
 
     > Parameters that control the loss
 
@@ -157,6 +164,12 @@ class MTPConfig(PeftConfig):
     cnn_kernel_size: int = field(default=4, metadata={"help": "Width of the causal convolution of `cnn` heads."})
     mha_num_attention_heads: Optional[int] = field(
         default=None, metadata={"help": "Attention heads of `mha_ffn` heads (default: the base model's)."}
+    )
+    feature_layers: Optional[list[int]] = field(
+        default=None,
+        metadata={"help": "Trunk decoder layers (0-based) whose outputs heads read beside the trunk output, fused "
+                          "by a learned projection (EAGLE-3). E.g. [2, 15] on a 30-layer model. None: trunk "
+                          "output only."},
     )
     mtp_loss_weight: float = field(
         default=1.0, metadata={"help": "loss = lm_loss + mtp_loss_weight * weighted mean of the head losses."}
@@ -251,6 +264,17 @@ class MTPConfig(PeftConfig):
             raise ValueError(
                 f"`mha_num_attention_heads` must be an integer >= 1 or None, got {self.mha_num_attention_heads!r}."
             )
+        if self.feature_layers is not None:
+            layers = self.feature_layers
+            if (not isinstance(layers, (list, tuple)) or not layers
+                    or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
+                raise ValueError(
+                    f"`feature_layers` must be a non-empty list of decoder-layer indices >= 0 (e.g. [2, 15]) or "
+                    f"None, got {layers!r}."
+                )
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"`feature_layers` names a layer twice: {list(layers)!r}; list each layer once.")
+            self.feature_layers = sorted(layers)
         if not (isinstance(self.mtp_loss_weight, (int, float)) and math.isfinite(self.mtp_loss_weight)
                 and self.mtp_loss_weight >= 0):
             raise ValueError(f"`mtp_loss_weight` must be a finite float >= 0, got {self.mtp_loss_weight!r}.")

@@ -14,7 +14,7 @@ predicts exactly what the model's own next-token head predicts.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -388,6 +388,35 @@ class SequentialHead(nn.Module):
         return hidden
 
 
+class FeatureFusion(nn.Module):
+    """The heads' input from several trunk layers: `hidden + W [norm(f_1); ...; norm(f_n)]` (EAGLE-3).
+
+    EAGLE-3 (Li et al. 2025, arXiv:2503.01840) feeds its draft head low-, middle- and high-level features
+    of the target model. Here the trunk output stays the backbone of the input and the other layers'
+    outputs are added through a projection that starts at zero, so fresh heads see exactly the trunk
+    output (and keep `head_init="base"` meaning what it says). Each layer output gets its own RMSNorm:
+    the residual stream grows from layer to layer, so raw outputs differ in scale.
+
+    Args:
+        hidden_size: the trunk's hidden size H.
+        num_features: how many layer outputs are fused (n).
+        init: `"base"` (zero projection) or `"random"`.
+        std: standard deviation of a random projection.
+        eps: epsilon of the norms.
+    """
+
+    def __init__(self, hidden_size: int, num_features: int, init: str, std: float, eps: float):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.RMSNorm(hidden_size, eps=eps) for _ in range(num_features))
+        self.proj = nn.Linear(num_features * hidden_size, hidden_size, bias=False)
+        _zero_(self.proj) if init == "base" else _normal_(std, self.proj)
+
+    def forward(self, hidden: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`(B, T, H)` trunk output and n `(B, T, H)` layer outputs -> `(B, T, H)` head input."""
+        normed = [norm(feature.to(hidden.dtype)) for norm, feature in zip(self.norms, features)]
+        return hidden + self.proj(torch.cat(normed, dim=-1))
+
+
 class MTPHeadStack(nn.Module):
     """The K heads of one adapter, plus their own unembeddings when they do not share the model's.
 
@@ -401,6 +430,11 @@ class MTPHeadStack(nn.Module):
         self.head_type = config.head_type
         self.num_heads = config.num_heads
         self.heads = nn.ModuleList(_build_head(config, trunk) for _ in range(config.num_heads))
+        self.feature_layers = tuple(_check_feature_layers(config.feature_layers or (), trunk))
+        self.fusion = None
+        if self.feature_layers:
+            self.fusion = FeatureFusion(trunk.hidden_size, len(self.feature_layers), config.head_init,
+                                        float(getattr(trunk.config, "initializer_range", 0.02)), _norm_eps(trunk))
         self.unembeddings = None
         if not config.share_unembedding:
             self.unembeddings = nn.ModuleList(_copy_unembedding(trunk.unembedding) for _ in range(config.num_heads))
@@ -417,11 +451,38 @@ class MTPHeadStack(nn.Module):
             return len(self.heads[0].layers)
         return 0
 
-    def forward(self, hidden: torch.Tensor, context: HeadContext) -> torch.Tensor:
-        """Run all heads on the trunk output.
+    @property
+    def capture_kwargs(self) -> dict[str, Any]:
+        """What `Trunk.capture` must record for these heads (layer arguments, layer outputs)."""
+        return {"num_layer_kwargs": self.num_layer_kwargs, "feature_layers": self.feature_layers}
+
+    def head_input(self, hidden: torch.Tensor, layer_outputs: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """What the heads read at each position: the trunk output, fused with `feature_layers` outputs if any.
 
         Args:
             hidden: `(B, T, H)` trunk output (before the final norm).
+            layer_outputs: `(B, T, H)` outputs of the trunk's `feature_layers`, in that order
+                (`TrunkCapture.layer_outputs` of a capture with `capture_kwargs`).
+
+        Returns:
+            `(B, T, H)`: `hidden` itself without feature layers.
+
+        Raises:
+            ValueError: the number of layer outputs is not the number of feature layers.
+        """
+        if len(layer_outputs) != len(self.feature_layers):
+            raise ValueError(
+                f"These heads read trunk layers {list(self.feature_layers)} but got {len(layer_outputs)} layer "
+                "outputs: capture them with `trunk.capture(**heads.capture_kwargs)`."
+            )
+        return hidden if self.fusion is None else self.fusion(hidden, layer_outputs)
+
+    def forward(self, hidden: torch.Tensor, context: HeadContext) -> torch.Tensor:
+        """Run all heads on their input.
+
+        Args:
+            hidden: `(B, T, H)` head input: the trunk output (before the final norm), or `head_input(...)` of
+                it when the heads have `feature_layers`.
             context: what heads may read besides it.
 
         Returns:
@@ -547,8 +608,23 @@ def _build_head(config: MTPConfig, trunk: Trunk) -> nn.Module:
             _reinitialise(layer, trunk)
     if config.head_type == "identical":
         return DecoderLayersHead(layers)
-    eps = float(getattr(trunk.config, "rms_norm_eps", None) or getattr(trunk.config, "layer_norm_eps", None) or 1e-6)
-    return SequentialHead(hidden_size, layers, init, std, eps)
+    return SequentialHead(hidden_size, layers, init, std, _norm_eps(trunk))
+
+
+def _norm_eps(trunk: Trunk) -> float:
+    return float(getattr(trunk.config, "rms_norm_eps", None) or getattr(trunk.config, "layer_norm_eps", None) or 1e-6)
+
+
+def _check_feature_layers(layers: Sequence[int], trunk: Trunk) -> list[int]:
+    """`MTPConfig.feature_layers`, checked against the trunk's layer count (the last layer is the trunk output)."""
+    last = len(trunk.layers) - 1
+    bad = [index for index in layers if index >= last]
+    if bad:
+        raise ValueError(
+            f"`feature_layers`={list(layers)} names layer(s) {bad}, but the base model's decoder layers are 0..{last} "
+            f"and heads already read layer {last}'s output (the trunk output); use indices 0..{last - 1}."
+        )
+    return list(layers)
 
 
 def _attention_heads(config: MTPConfig, trunk: Trunk) -> int:

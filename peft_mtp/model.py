@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import inspect
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -196,9 +197,17 @@ class MTPModel(BaseTuner):
         """The `MTPConfig` of the active adapter."""
         return self.peft_config[self.active_adapters[0]]
 
-    def run_heads(self, hidden: torch.Tensor, context: HeadContext) -> torch.Tensor:
-        """Run the active heads on a trunk output: `(B, T, H)` -> `(B, T, K, H)`."""
-        return self.active_heads()(hidden, context)
+    def run_heads(self, hidden: torch.Tensor, context: HeadContext,
+                  layer_outputs: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """Run the active heads on a trunk output: `(B, T, H)` -> `(B, T, K, H)`.
+
+        Args:
+            hidden: `(B, T, H)` trunk output.
+            context: what heads may read besides it.
+            layer_outputs: outputs of the heads' `feature_layers` (see `MTPHeadStack.head_input`).
+        """
+        heads = self.active_heads()
+        return heads(heads.head_input(hidden, layer_outputs), context)
 
     def generate(self, *args: Any, **kwargs: Any):
         """Generate with the model, speculating with the active MTP heads: same tokens, fewer forward passes.
@@ -241,7 +250,7 @@ class MTPModel(BaseTuner):
         fused = bool(kwargs.get("fused_lm_head"))  # TRL's SFTTrainer: the loss is computed from `log_probs`
         # A frozen trunk cannot learn: skip its graph (see peft_mtp.training, "frozen trunk").
         frozen = torch.is_grad_enabled() and trunk_is_frozen(self.model, kwargs.get("inputs_embeds"))
-        with self.get_trunk().capture(num_layer_kwargs=heads.num_layer_kwargs) as captured, \
+        with self.get_trunk().capture(**heads.capture_kwargs) as captured, \
                 (torch.no_grad() if frozen else contextlib.nullcontext()):
             outputs = self.model(*args, **kwargs)
         if captured.hidden is None:
@@ -254,7 +263,7 @@ class MTPModel(BaseTuner):
             layer_kwargs=captured.layer_kwargs,
             embed=self.get_trunk().embed,
         )
-        head_hidden = heads(captured.hidden, context)  # (B, T, K, H)
+        head_hidden = heads(heads.head_input(captured.hidden, captured.layer_outputs), context)  # (B, T, K, H)
 
         extra: dict[str, Any] = {}
         if output_mtp_logits:

@@ -14,7 +14,7 @@ import contextlib
 import copy
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -36,10 +36,12 @@ class TrunkCapture:
         hidden: `(B, T, H)` hidden state entering the final norm (the trunk output, before the norm).
         layer_kwargs: keyword arguments the trunk passed to each of its last decoder layers (masks,
             rotary embeddings, position ids), cache arguments removed; the last layer comes last.
+        layer_outputs: `(B, T, H)` outputs of the decoder layers asked for (`feature_layers`), in their order.
     """
 
     hidden: Optional[torch.Tensor] = None
     layer_kwargs: list[dict[str, Any]] = field(default_factory=list)
+    layer_outputs: list[torch.Tensor] = field(default_factory=list)
 
 
 class Trunk:
@@ -98,12 +100,13 @@ class Trunk:
         return self.embedding(input_ids)
 
     @contextlib.contextmanager
-    def capture(self, num_layer_kwargs: int = 0) -> Iterator[TrunkCapture]:
+    def capture(self, num_layer_kwargs: int = 0, feature_layers: Sequence[int] = ()) -> Iterator[TrunkCapture]:
         """Record the trunk output (and the last layers' arguments) of the forward passes run inside.
 
         Args:
             num_layer_kwargs: how many of the last decoder layers to record arguments of (decoder-layer
                 heads call copies of them with the same masks and rotary embeddings).
+            feature_layers: indices of decoder layers whose outputs to record (`MTPConfig.feature_layers`).
 
         Yields:
             A `TrunkCapture` filled in by the first trunk pass inside the block.
@@ -111,6 +114,7 @@ class Trunk:
         captured = TrunkCapture()
         layers = list(self.layers)[len(self.layers) - num_layer_kwargs:] if num_layer_kwargs else []
         recorded_kwargs: dict[int, dict[str, Any]] = {}
+        recorded_outputs: dict[int, torch.Tensor] = {}
 
         def on_final_norm(module, args, output):
             if captured.hidden is None:
@@ -123,15 +127,25 @@ class Trunk:
 
             return on_layer
 
+        def make_output_hook(index: int):
+            def on_output(module, args, output):
+                if index not in recorded_outputs:
+                    recorded_outputs[index] = output[0] if isinstance(output, tuple) else output
+
+            return on_output
+
         handles = [self.final_norm.register_forward_hook(on_final_norm)]
         for index, layer in enumerate(layers):
             handles.append(layer.register_forward_pre_hook(make_layer_hook(index), with_kwargs=True))
+        for index in feature_layers:
+            handles.append(self.layers[index].register_forward_hook(make_output_hook(index)))
         try:
             yield captured
         finally:
             for handle in handles:
                 handle.remove()
             captured.layer_kwargs = [recorded_kwargs[i] for i in sorted(recorded_kwargs)]
+            captured.layer_outputs = [recorded_outputs[i] for i in feature_layers if i in recorded_outputs]
 
     def copy_last_layers(self, num_layers: int) -> list[nn.Module]:
         """Independent copies of the trunk's last `num_layers` decoder layers, without any adapters.

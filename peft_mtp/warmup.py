@@ -40,6 +40,8 @@ class TrunkOutputBatch:
             `head_target_source="argmax"` they already hold the model's own greedy predictions.
         hidden: `(B, T, H)` trunk output (the hidden state entering the final norm).
         layer_kwargs: what the trunk passed its last decoder layers (see `Trunk.capture`).
+        layer_outputs: `(B, T, n, H)` outputs of the heads' `feature_layers` (in the dtype the trunk produced
+            them: bf16 under autocast), or None when the heads read the trunk output alone.
         argmax_labels: whether `labels` were replaced by the model's predictions when caching (the frozen trunk
             predicts the same every epoch, so they are computed once).
     """
@@ -49,7 +51,12 @@ class TrunkOutputBatch:
     labels: torch.Tensor
     hidden: torch.Tensor
     layer_kwargs: list[dict[str, Any]] = field(default_factory=list)
+    layer_outputs: torch.Tensor | None = None
     argmax_labels: bool = False
+
+    def head_input(self, heads) -> torch.Tensor:
+        """What `heads` (an `MTPHeadStack`) read on this batch: the trunk output, fused with layer outputs if any."""
+        return heads.head_input(self.hidden, () if self.layer_outputs is None else self.layer_outputs.unbind(2))
 
     @property
     def num_tokens(self) -> int:
@@ -105,7 +112,7 @@ class TrunkOutputBatch:
                                  self.labels[start:start + rows], self.hidden[start:start + rows],
                                  [{key: cut(value, start) if key in _PER_ROW_ARGUMENTS else value
                                    for key, value in kwargs.items()} for kwargs in self.layer_kwargs],
-                                 self.argmax_labels)
+                                 cut(self.layer_outputs, start), self.argmax_labels)
                 for start in range(0, size, rows)]
 
 
@@ -168,7 +175,7 @@ def cache_trunk_outputs(model, batches: Iterable[dict[str, torch.Tensor]], progr
     cached = []
     for batch in tqdm(batches, desc="Caching trunk outputs", unit="batch", disable=not progress):
         batch = {key: value.to(device) for key, value in batch.items()}
-        with trunk.capture(num_layer_kwargs=heads.num_layer_kwargs) as captured, autocast:
+        with trunk.capture(**heads.capture_kwargs) as captured, autocast:
             # logits_to_keep=1: the model's own logits are not needed, only the trunk output.
             tuner.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1,
                         use_cache=False)
@@ -176,8 +183,10 @@ def cache_trunk_outputs(model, batches: Iterable[dict[str, torch.Tensor]], progr
         labels = batch["labels"]
         if argmax:
             labels = model_predictions(labels, hidden, tuner.head_unembedding(0))
+        # Layer outputs stay in the trunk's dtype (bf16 under autocast: half the memory); heads cast them.
+        layer_outputs = torch.stack(captured.layer_outputs, dim=2) if captured.layer_outputs else None
         cached.append(TrunkOutputBatch(batch["input_ids"], batch["attention_mask"], labels, hidden,
-                                       captured.layer_kwargs, argmax_labels=argmax))
+                                       captured.layer_kwargs, layer_outputs, argmax_labels=argmax))
     return cached
 
 
@@ -290,7 +299,7 @@ def warmup_heads(
             context = HeadContext(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                   layer_kwargs=batch.layer_kwargs, embed=trunk.embed)
             with autocast:  # the forward and the loss only: backward reuses the dtypes autocast chose (torch's advice)
-                head_hidden = heads(batch.hidden, context)  # (B, T, K, H)
+                head_hidden = heads(batch.head_input(heads), context)  # (B, T, K, H)
                 target_source = "soft" if soft else "labels" if batch.argmax_labels else None
                 result = tuner.compute_mtp_loss(head_hidden, batch.labels, trunk_hidden=batch.hidden,
                                                 target_source=target_source)

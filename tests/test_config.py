@@ -73,6 +73,13 @@ INVALID_CONFIGS = [
     ({"head_target_source": "teacher"}, "`head_target_source` must be one of ('labels', 'argmax', 'soft'), "
                                         "got 'teacher'."),
     ({"head_lr_multiplier": 0.0}, "`head_lr_multiplier` must be a finite float > 0, got 0.0."),
+    ({"feature_layers": []}, "`feature_layers` must be a non-empty list of decoder-layer indices >= 0 (e.g. [2, 15]) "
+                             "or None, got []."),
+    ({"feature_layers": [2, -1]}, "`feature_layers` must be a non-empty list of decoder-layer indices >= 0 (e.g. "
+                                  "[2, 15]) or None, got [2, -1]."),
+    ({"feature_layers": "2,15"}, "`feature_layers` must be a non-empty list of decoder-layer indices >= 0 (e.g. "
+                                 "[2, 15]) or None, got '2,15'."),
+    ({"feature_layers": [3, 3]}, "`feature_layers` names a layer twice: [3, 3]; list each layer once."),
     ({"lora_config": "r=8"}, "`lora_config` must be a peft.LoraConfig, a dict of its fields, or None, got str."),
 ]
 

@@ -6,6 +6,8 @@ test compares against it, or against the readable reference loop (`peft_mtp.deco
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from decoding_utils import EOS, PAD, forced_drafts, heads_model, padded_batch
@@ -144,6 +146,70 @@ def test_batched_rows_match_the_reference_row_by_row(lookup):
         assert [a for step in out.mtp_stats.trace for r, a in step if r == row] == accepted
 
 
+@contextlib.contextmanager
+def after_every_step(monkeypatch, check):
+    """Call `check(decoder, verified_tokens_of_row_0)` after every decoding step; yields the verified lengths seen."""
+    checked = []
+    original_step = SpeculativeDecoder._step
+
+    def checked_step(self):
+        original_step(self)
+        if self.rows.numel():
+            verified = self.sequences[0, : int(self.lengths[0])]
+            check(self, verified)
+            checked.append(verified.numel())
+
+    monkeypatch.setattr(SpeculativeDecoder, "_step", checked_step)
+    yield checked
+
+
+# ----------------------------------------------------------------------------------------------
+# Heads that read lower trunk layers (`feature_layers`)
+
+
+def _feature_heads_model(head_type: str, dtype: torch.dtype = torch.float32):
+    """Heads whose input depends strongly on trunk layer 0's output (a large random fusion projection)."""
+    model = heads_model(head_type, num_heads=2, seed=9, dtype=dtype, noise=0.03, feature_layers=[0])
+    with torch.no_grad():
+        fusion = model.base_model.active_heads().fusion
+        fusion.proj.weight.copy_(torch.randn_like(fusion.proj.weight) * 0.5)
+    return model
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_heads_with_feature_layers_decode_exactly(head_type):
+    model = _feature_heads_model(head_type)
+    ids, mask = padded_batch([3, 9, 6], seed=9)
+    for tree in (None, True):
+        plain, ours, _ = greedy(model, ids, mask, max_new_tokens=18, eos_token_id=None, mtp_depth=2, mtp_tree=tree,
+                                mtp_lookup=4)
+        assert torch.equal(plain, ours)
+    model = _feature_heads_model(head_type, dtype=torch.float64)
+    prompt = [11, 42, 7, 99, 5, 63, 18]
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                         mtp_depth=2, mtp_lookup=0, mtp_trace=True, return_dict_in_generate=True)
+    tokens, accepted = reference_generate(model.base_model, prompt, 12, depth=2)
+    assert out.sequences[0, len(prompt):].tolist() == tokens
+    assert [step[0][1] for step in out.mtp_stats.trace] == accepted
+
+
+@pytest.mark.parametrize("head_type", PARALLEL_HEAD_TYPES)
+def test_drafts_from_feature_layers_equal_the_heads_of_a_full_forward(head_type, monkeypatch):
+    # While decoding, the heads' input is fused from the verify pass's layer outputs, one step at a time; a full
+    # forward over the verified tokens must give the same head logits at the last position the trunk has seen.
+    model = _feature_heads_model(head_type, dtype=torch.float64)
+
+    def check(decoder, verified):
+        drafted = decoder.drafter.head_logits(2)[0]  # (K, V): heads at the last fed position
+        expected = model(input_ids=verified[None, :-1], output_mtp_logits=True).mtp_logits[0, -1]
+        torch.testing.assert_close(drafted, expected)
+
+    with torch.no_grad(), after_every_step(monkeypatch, check) as checked:
+        model.generate(torch.tensor([[9, 8, 7, 6, 5, 4]]), max_new_tokens=16, do_sample=False, eos_token_id=None,
+                       mtp_depth=2, mtp_tree=True, mtp_lookup=0)
+    assert len(checked) >= 3
+
+
 # ----------------------------------------------------------------------------------------------
 # Perfect drafts (100% acceptance), eos and max_new_tokens inside an accepted draft
 
@@ -273,26 +339,19 @@ def test_streamer_receives_what_plain_decoding_sends(lengths):
 def test_cache_rollback_leaves_no_stale_entries(monkeypatch):
     model = heads_model("identical", seed=14, dtype=torch.float64)
     ids = torch.tensor([[9, 8, 7, 6, 5, 4]])
-    checked = []
-    original_step = SpeculativeDecoder._step
 
-    def checked_step(self):
-        original_step(self)
-        if not self.rows.numel():
-            return
-        verified = self.sequences[0, : int(self.lengths[0])]
+    def check(decoder, verified):
         # The cache holds every verified token but the last one, which the next step feeds.
-        assert self.cache_valid.shape[1] == self.cache.layers[0].keys.shape[2] == verified.numel() - 1
+        assert decoder.cache_valid.shape[1] == decoder.cache.layers[0].keys.shape[2] == verified.numel() - 1
         fresh = model.base_model.model(verified[None, :-1], use_cache=True).cache
-        for layer, fresh_layer in zip(self.cache.layers, fresh.layers):
+        for layer, fresh_layer in zip(decoder.cache.layers, fresh.layers):
             torch.testing.assert_close(layer.keys, fresh_layer.keys)
             torch.testing.assert_close(layer.values, fresh_layer.values)
         # Decoder-layer heads keep one cache entry per verified trunk position as well.
-        assert all(cache.get("key.1").shape[2] == verified.numel() - 1 for cache in self.drafter.caches)
-        checked.append(verified.numel())
+        assert all(cache.get("key.1").shape[2] == verified.numel() - 1 for cache in decoder.drafter.caches)
 
-    monkeypatch.setattr(SpeculativeDecoder, "_step", checked_step)
-    model.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, mtp_depth=3, mtp_tree=True)
+    with after_every_step(monkeypatch, check) as checked:
+        model.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, mtp_depth=3, mtp_tree=True)
     assert len(checked) >= 3
 
 

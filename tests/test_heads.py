@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from peft import get_peft_model
 from testing_common import (
+    FEATURE_TEST_CASES,
     IDENTITY_AT_INIT_HEAD_TYPES,
     SEQ_LEN,
     TEST_CASES,
@@ -62,23 +63,23 @@ def test_future_tokens_of_depth_k_is_token_t_plus_k():
 # Every head type on every architecture
 
 
-@pytest.mark.parametrize(**case_params(TEST_CASES))
+@pytest.mark.parametrize(**case_params(TEST_CASES + FEATURE_TEST_CASES))
 def test_head_is_causal(arch, config_cls, config_kwargs):
     _check_causality(arch, config_cls, config_kwargs)
 
 
-@pytest.mark.parametrize(**case_params(TEST_CASES))
+@pytest.mark.parametrize(**case_params(TEST_CASES + FEATURE_TEST_CASES))
 def test_head_k_loss_at_t_is_scored_against_token_t_plus_1_plus_k(arch, config_cls, config_kwargs):
     _check_target_alignment(arch, config_cls, config_kwargs)
 
 
-@pytest.mark.parametrize(**case_params([case for case in TEST_CASES if case[3]["head_type"] in
+@pytest.mark.parametrize(**case_params([case for case in TEST_CASES + FEATURE_TEST_CASES if case[3]["head_type"] in
                                         IDENTITY_AT_INIT_HEAD_TYPES]))
 def test_fresh_heads_reproduce_next_token_logits(arch, config_cls, config_kwargs):
     _check_identity_at_init(arch, config_cls, config_kwargs)
 
 
-@pytest.mark.parametrize(**case_params(TEST_CASES))
+@pytest.mark.parametrize(**case_params(TEST_CASES + FEATURE_TEST_CASES))
 def test_no_two_heads_share_a_module_or_parameter(arch, config_cls, config_kwargs):
     _check_no_sharing(arch, config_cls, config_kwargs)
 
@@ -104,6 +105,32 @@ def test_mha_heads_that_do_not_divide_the_hidden_size_raise():
     with pytest.raises(ValueError, match=re.escape("`mha_num_attention_heads`=5 must divide the base model's hidden "
                                                    "size 32.")):
         get_peft_model(make_model("llama"), MTPConfig(head_type="mha_ffn", mha_num_attention_heads=5))
+
+
+def test_feature_layers_the_trunk_does_not_have_raise():
+    # The tiny models have 2 decoder layers: layer 1's output is the trunk output the heads read anyway.
+    with pytest.raises(ValueError, match=re.escape("`feature_layers`=[0, 1] names layer(s) [1], but the base model's "
+                                                   "decoder layers are 0..1 and heads already read layer 1's output")):
+        get_peft_model(make_model("llama"), MTPConfig(num_heads=2, feature_layers=[0, 1]))
+
+
+@torch.no_grad()
+def test_feature_layers_feed_the_heads_what_the_trunk_layers_output():
+    # The fused input is exactly trunk output + W [norm(layer outputs)]: recompute it from the model's hidden states.
+    model = make_mtp_model("llama", head_type="linear", num_heads=1, head_init="random", feature_layers=[0])
+    heads = model.base_model.active_heads()
+    heads.heads[0].maps[0].weight.copy_(torch.eye(heads.heads[0].maps[0].weight.shape[0]))
+    heads.heads[0].maps[0].bias.zero_()
+    input_ids = random_ids()
+    states = model.base_model.model(input_ids=input_ids, output_hidden_states=True).hidden_states
+    # hidden_states[i + 1] is layer i's output, except the last entry, which transformers returns after the final
+    # norm; the trunk output is the last layer's output before it.
+    with model.base_model.get_trunk().capture() as captured:
+        model.base_model.model(input_ids=input_ids)
+    expected_input = captured.hidden + heads.fusion.proj(heads.fusion.norms[0](states[1]))
+    expected = model.base_model.get_trunk().logits(expected_input)
+    torch.testing.assert_close(run(model, input_ids).mtp_logits[:, :, 0], expected, rtol=1e-5, atol=1e-5)
+    assert heads.fusion.proj.weight.abs().sum() > 0  # random init: the layer output really moved the input
 
 
 @pytest.mark.parametrize("head_type", ["identical", "sequential"])

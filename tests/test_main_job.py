@@ -139,3 +139,11 @@ def test_timed_modes_cover_chain_tree_lookup_and_corpus_drafts():
                                                                     ("chain+lookup+corpus", "auto"),
                                                                     ("tree+lookup", "auto")]
     assert main_job.JobArguments(eval_corpus_depths="", eval_depths="2").modes[:1] == ["depth=2"]
+
+
+def test_feature_layers_flag_is_parsed_into_layer_indices_or_refused_with_its_name():
+    assert main_job.JobArguments(feature_layers="2, 15").feature_layer_indices == [2, 15]
+    assert main_job.JobArguments().feature_layer_indices == []  # the default: the trunk output alone
+    with pytest.raises(ValueError, match=r"--feature_layers must be comma-separated layer indices \(e.g. 2,15\), "
+                                         r"got 'two'."):
+        main_job.JobArguments(feature_layers="two").feature_layer_indices

@@ -34,17 +34,21 @@ def _batches(num_batches: int = 3, batch_size: int = 4, length: int = 12, seed: 
     return batches
 
 
+@pytest.mark.parametrize("feature_layers", [None, [0]], ids=["trunk-output", "feature-layers"])
 @pytest.mark.parametrize("head_type", HEAD_TYPES)
-def test_cached_head_outputs_equal_the_model_forward(head_type):
+def test_cached_head_outputs_equal_the_model_forward(head_type, feature_layers):
     # The cache holds exactly what a forward pass feeds the heads, so training on it trains the same function.
-    model = get_peft_model(make_model("llama"), MTPConfig(num_heads=2, head_type=head_type, head_init="random"))
+    model = get_peft_model(make_model("llama"), MTPConfig(num_heads=2, head_type=head_type, head_init="random",
+                                                           feature_layers=feature_layers))
     batch = _batches(num_batches=1)[0]
     (cached,) = cache_trunk_outputs(model, [batch], progress=False)
+    assert (cached.layer_outputs is None) == (feature_layers is None)
     tuner = model.base_model
+    heads = tuner.active_heads()
     context = HeadContext(input_ids=cached.input_ids, attention_mask=cached.attention_mask,
                           layer_kwargs=cached.layer_kwargs, embed=tuner.get_trunk().embed)
     with torch.no_grad():
-        from_cache = tuner.active_heads().logits(tuner.active_heads()(cached.hidden, context), tuner.get_trunk())
+        from_cache = heads.logits(heads(cached.head_input(heads), context), tuner.get_trunk())
         direct = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        output_mtp_logits=True).mtp_logits
     real = batch["attention_mask"].bool()
@@ -54,7 +58,7 @@ def test_cached_head_outputs_equal_the_model_forward(head_type):
 @pytest.mark.parametrize("head_type", ["sequential", "mha_ffn"])
 def test_split_batches_give_the_heads_the_same_outputs_and_loss(head_type):
     model = get_peft_model(make_model("llama"), MTPConfig(num_heads=2, head_type=head_type, head_init="random",
-                                                           head_target_source="argmax"))
+                                                           head_target_source="argmax", feature_layers=[0]))
     (cached,) = cache_trunk_outputs(model, _batches(num_batches=1, batch_size=5), progress=False)
     parts = cached.split(2)
     assert [part.input_ids.shape[0] for part in parts] == [2, 2, 1]
@@ -64,7 +68,7 @@ def test_split_batches_give_the_heads_the_same_outputs_and_loss(head_type):
     def run(batch):
         context = HeadContext(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                               layer_kwargs=batch.layer_kwargs, embed=tuner.get_trunk().embed)
-        hidden = heads(batch.hidden, context)
+        hidden = heads(batch.head_input(heads), context)
         return hidden, tuner.compute_mtp_loss(hidden, batch.labels, trunk_hidden=batch.hidden, target_source="labels")
 
     with torch.no_grad():
@@ -75,6 +79,7 @@ def test_split_batches_give_the_heads_the_same_outputs_and_loss(head_type):
     assert torch.equal(sum(loss.head_correct for _, loss in split), whole_loss.head_correct)
     torch.testing.assert_close(sum(loss.head_loss_sums for _, loss in split), whole_loss.head_loss_sums)
     assert parts[1].hidden.data_ptr() == cached.hidden[2:].data_ptr()  # views, no copies
+    assert parts[1].layer_outputs.data_ptr() == cached.layer_outputs[2:].data_ptr()
     with pytest.raises(ValueError, match="`rows` must be >= 1, got 0"):
         cached.split(0)
     if head_type == "sequential":  # decoder-layer heads record the trunk's layer arguments

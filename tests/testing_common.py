@@ -36,6 +36,15 @@ TEST_CASES: list[tuple[str, str, type, dict[str, Any]]] = [
 ]
 
 
+# Every architecture once with heads that also read a lower trunk layer (`feature_layers`; tiny models have 2 layers),
+# on a position-wise and a sequential head type.
+FEATURE_TEST_CASES: list[tuple[str, str, type, dict[str, Any]]] = [
+    (f"{arch}-{head_type}-features", arch, MTPConfig, {"head_type": head_type, "num_heads": 2, "feature_layers": [0]})
+    for arch in ARCHITECTURES
+    for head_type in ("ffn", "sequential")
+]
+
+
 def lora_config(arch: str) -> LoraConfig:
     """A small trunk LoRA for `arch` whose B matrices are random, so that it changes the model's logits."""
     # GPT-2's `Conv1D` stores its weight transposed: PEFT needs to be told (`fan_in_fan_out`).

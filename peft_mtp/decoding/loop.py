@@ -207,7 +207,7 @@ class SpeculativeDecoder:
         self.cache = DynamicCache()  # full-attention layers only, so that rows can be realigned freely
         model_kwargs["cache"] = self.cache
         inputs = self.model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
-        with self.trunk.capture() as captured:
+        with self.trunk.capture(feature_layers=self.heads.feature_layers) as captured:
             outputs = self.model(**inputs, return_dict=True)
         self.cache = outputs.cache if getattr(outputs, "cache", None) is not None else self.cache
         self.cache_valid = prompt_valid
@@ -223,7 +223,8 @@ class SpeculativeDecoder:
         keep_rows = self._drop_finished()
         if self.rows.numel():
             tick = time.perf_counter()
-            self.drafter.observe(_select(captured.hidden, keep_rows), _select(prompt_valid, keep_rows))
+            head_input = self.heads.head_input(captured.hidden, captured.layer_outputs)
+            self.drafter.observe(_select(head_input, keep_rows), _select(prompt_valid, keep_rows))
             self.stats.draft_time_s += time.perf_counter() - tick
 
         while self.rows.numel():
@@ -406,11 +407,11 @@ class SpeculativeDecoder:
             # in the additive form eager and SDPA attention add to their scores.
             allowed = chunk_attention_mask(self.cache_valid, self.cache_valid.new_ones(rows, nodes), tree.ancestor_mask)
             attention_mask = self._tree_attention_mask(allowed, position_ids)
-        with self.trunk.capture() as captured:
+        with self.trunk.capture(feature_layers=self.heads.feature_layers) as captured:
             outputs = self.model(input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids,
                                  cache=self.cache, use_cache=True, return_dict=True)
         self.cache = outputs.cache if getattr(outputs, "cache", None) is not None else self.cache
-        return outputs.logits, captured.hidden
+        return outputs.logits, self.heads.head_input(captured.hidden, captured.layer_outputs)
 
     def _tree_attention_mask(self, allowed: torch.Tensor, position_ids: torch.Tensor):
         """The additive 4-D mask(s) of a tree verify pass, sliding windows included where the model has them.
