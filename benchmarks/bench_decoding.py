@@ -15,7 +15,9 @@ methods alike):
   drafts (depth `--depth`, default: automatic) and the default tree; `<heads>:chain+lookup` and
   `<heads>:tree+lookup`: the same with prompt-lookup drafts verified beside them, as `generate` does by
   default (`mtp_lookup=None`: up to 10 lookup tokens while a single row decodes, none for a batch until one
-  row is left); `<heads>:tree+lookup10`: up to 10 at every step, batches included (`mtp_lookup=10`). `<heads>` is every `--heads PATH` (a saved MTP
+  row is left); `<heads>:tree+lookup10`: up to 10 at every step, batches included (`mtp_lookup=10`);
+  `<heads>:chain+lookup+corpus` and `<heads>:tree+lookup+corpus`: corpus drafts where the prompt lookup finds
+  nothing (`mtp_lookup_corpus`, the `ngram_corpus.safetensors` that the main job saves beside its heads). `<heads>` is every `--heads PATH` (a saved MTP
   adapter), plus `oracle` with `--oracle`: the heads run as usual but their tokens are replaced by the
   model's own greedy continuation, i.e. 100% acceptance: the ceiling of the decoding machinery for
   these heads' cost. `--untrained TYPE` adds fresh heads of that type (drafts mostly rejected: the
@@ -145,14 +147,22 @@ def main(args: argparse.Namespace) -> dict:
     from peft import PeftModel, get_peft_model
 
     from peft_mtp import MTPConfig
+    from peft_mtp.decoding import NgramCorpus
     from peft_mtp.fast_linear import fast_small_row_linear, measure_kernels
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base, tokenizer = load_model(args.model)
     models = {}  # name -> PeftModel with MTP heads
+    corpora = {}  # name -> NgramCorpus saved beside the heads (the main job writes one)
     for path in args.heads:
         models[Path(path).name] = PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
+        if any(shape.endswith("+corpus") for shape in args.shapes):
+            corpus_file = Path(path) / "ngram_corpus.safetensors"
+            if not corpus_file.exists():
+                raise SystemExit(f"--shapes ...+corpus needs {corpus_file} (the main job saves one beside its heads; "
+                                 "or build one with peft_mtp.decoding.NgramCorpus and save it there).")
+            corpora[Path(path).name] = NgramCorpus.load(corpus_file)
     for head_type in args.untrained:
         models[f"untrained-{head_type}"] = get_peft_model(copy.deepcopy(base), MTPConfig(
             num_heads=args.num_heads, head_type=head_type)).eval()
@@ -188,7 +198,8 @@ def main(args: argparse.Namespace) -> dict:
                 order = methods[1:]
                 order = order[index % len(order):] + order[:index % len(order)]  # rotate the order per group
                 for method in order:
-                    run_method(method, models, plain_model, inputs, gen, plain, results[method], fast, args, tokenizer)
+                    run_method(method, models, plain_model, inputs, gen, plain, results[method], fast, args, tokenizer,
+                               corpora)
             report["results"][f"{workload}/batch{batch_size}"] = summarize(results)
             print_table(workload, batch_size, report["results"][f"{workload}/batch{batch_size}"])
     if args.json:
@@ -196,7 +207,7 @@ def main(args: argparse.Namespace) -> dict:
     return report
 
 
-def run_method(method, models, plain_model, inputs, gen, plain, result, fast, args, tokenizer):
+def run_method(method, models, plain_model, inputs, gen, plain, result, fast, args, tokenizer, corpora):
     if method == "prompt_lookup":
         if inputs["input_ids"].shape[0] > 1:
             result.error = "n/a (transformers: batch 1 only)"
@@ -207,12 +218,18 @@ def run_method(method, models, plain_model, inputs, gen, plain, result, fast, ar
         return
     name, shape = method.rsplit(":", 1)
     model = models[name]
-    drafts, _, lookup = shape.partition("+")  # "", "lookup" (generate's default) or "lookup10" (10, always)
-    count = lookup.removeprefix("lookup")
+    drafts, *extras = shape.split("+")
+    lookup = next((extra for extra in extras if extra.startswith("lookup")), "")  # "lookup": generate's default
+    count = lookup.removeprefix("lookup")  # "10": 10 lookup drafts at every step
     options = dict(mtp_depth=args.depth if args.depth == "auto" else int(args.depth),
                    mtp_tree=True if drafts == "tree" else None,
                    mtp_lookup=(int(count) if count else None) if lookup else 0,
                    return_dict_in_generate=True)
+    if "corpus" in extras:
+        if name not in corpora:
+            result.error = "n/a (no corpus beside these heads)"
+            return
+        options["mtp_lookup_corpus"] = corpora[name]
     context = oracle_drafts(plain) if name == "oracle" else contextlib.nullcontext()
     with fast(model), context:
         out, wall, cpu = timed(lambda: model.generate(**inputs, **gen, **options))
@@ -282,7 +299,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-heads", type=int, default=4, help="K of the oracle and untrained heads.")
     parser.add_argument("--depth", default="auto", help="Draft depth (int) or 'auto'.")
     parser.add_argument("--shapes", nargs="*", default=["chain", "tree", "chain+lookup", "tree+lookup"],
-                        choices=["chain", "tree", "chain+lookup", "tree+lookup", "tree+lookup10"])
+                        choices=["chain", "tree", "chain+lookup", "tree+lookup", "tree+lookup10",
+                                 "chain+lookup+corpus", "tree+lookup+corpus"])
     parser.add_argument("--workloads", nargs="*", default=["code", "chat"], choices=["code", "chat"])
     parser.add_argument("--batch", nargs="*", type=int, default=[1, 8])
     parser.add_argument("--num-prompts", type=int, default=16)

@@ -794,7 +794,7 @@ def plot(all_results: dict[str, dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4.6), gridspec_kw={"width_ratios": [1, 1.25]})
     colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
     max_depth = 1
     for label, results in all_results.items():
@@ -826,11 +826,12 @@ def plot(all_results: dict[str, dict[str, Any]], path: Path) -> None:
              ylabel="agreement", ylim=(0, 1), xticks=range(1, max_depth + 1))
     right.axhline(1.0, color="grey", lw=0.8)
     right.set(title="Speed-up vs plain greedy generate (batch 1)",
-              xlabel="draft depth (at 'auto': * chain, + tree, diamond chain+lookup, x tree+lookup, v +corpus)",
+              xlabel="draft depth\n(at 'auto': * chain, + tree, diamond chain+lookup, x tree+lookup, "
+                     "v chain+lookup+corpus)",
               ylabel="tokens/s ratio", xticks=range(0, max_depth + 1),
               xticklabels=["auto"] + [str(d) for d in range(1, max_depth + 1)])
     left.legend(fontsize=8)
-    right.legend(fontsize=8)
+    right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the points, not over them
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
