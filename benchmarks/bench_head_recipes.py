@@ -130,7 +130,7 @@ def held_out_rows(model, tokenizer, prompts, max_new_tokens: int):
 
 
 def with_layers(batch, cached_layers: list[int], wanted: tuple[int, ...]):
-    """`batch` with the cached layer outputs cut down to the layers `wanted` (a view, no copy of the rest)."""
+    """`batch` with its cached layer outputs cut down to the layers `wanted` (the batch itself when it holds just those)."""
     index = [cached_layers.index(layer) for layer in wanted]
     if index == list(range(len(cached_layers))):
         return batch
@@ -225,7 +225,8 @@ def main() -> None:
         result = warmup_heads(peft_model, batches, epochs=1000, learning_rate=recipe.learning_rate,
                               time_limit_s=args.seconds, progress=False,
                               autocast_dtype=torch.bfloat16 if recipe.bf16 else None)
-        code, chat = (agreement(peft_model, [with_layers(b, cached_layers, recipe.feature_layers) for b in held_out[kind]])
+        code, chat = (agreement(peft_model, [with_layers(batch, cached_layers, recipe.feature_layers)
+                                             for batch in held_out[kind]])
                       for kind in ("code", "chat"))
 
         def show(values):

@@ -10,8 +10,8 @@ import contextlib
 import copy
 import dataclasses
 import inspect
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -263,7 +263,7 @@ class MTPModel(BaseTuner):
             layer_kwargs=captured.layer_kwargs,
             embed=self.get_trunk().embed,
         )
-        head_hidden = heads(heads.head_input(captured.hidden, captured.layer_outputs), context)  # (B, T, K, H)
+        head_hidden = self.run_heads(captured.hidden, context, captured.layer_outputs)  # (B, T, K, H)
 
         extra: dict[str, Any] = {}
         if output_mtp_logits:

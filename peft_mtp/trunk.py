@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer

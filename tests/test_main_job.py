@@ -146,4 +146,4 @@ def test_feature_layers_flag_is_parsed_into_layer_indices_or_refused_with_its_na
     assert main_job.JobArguments().feature_layer_indices == []  # the default: the trunk output alone
     with pytest.raises(ValueError, match=r"--feature_layers must be comma-separated layer indices \(e.g. 2,15\), "
                                          r"got 'two'."):
-        main_job.JobArguments(feature_layers="two").feature_layer_indices
+        _ = main_job.JobArguments(feature_layers="two").feature_layer_indices
