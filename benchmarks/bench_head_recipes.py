@@ -19,7 +19,9 @@ model's distribution over the draft vocabulary instead of its argmax), `b<rows>`
 rows, split from the cached batches of 8), `data<fraction>` (a random share of the distilled answers' batches:
 how held-out agreement grows with data), `nosource` (the distilled answers only,
 without the source windows), `fl<i>+<j>...` (`MTPConfig.feature_layers`: the heads also read the outputs of trunk
-layers i, j, ..., fused into the trunk output; e.g. `fl2+15`). Unset parts take the first recipe's defaults: K=2, v2048,
+layers i, j, ..., fused into the trunk output; e.g. `fl2+15`), `copy<n>` (`MTPConfig.copy_ngram`: heads that copy the
+token after the previous occurrence of the last n tokens, weighed by a learned gate; the table then gives the heads'
+agreement alone and, after "copy:", with their candidates mixed in). Unset parts take the first recipe's defaults: K=2, v2048,
 lr 1e-3, feat 0, float32, batches of 8 rows, all the data. All heads are `sequential` (`--head_type` to change).
 The training data is cached with the trunk under bf16 autocast where the main job would use it (`--cache_dtype`);
 the held-out prompts always in float32, as they are evaluated.
@@ -48,6 +50,7 @@ from peft import get_peft_model  # noqa: E402
 from smollm2 import load_model_and_tokenizer, model_path  # noqa: E402
 
 from peft_mtp import MTPConfig, fit_draft_vocabulary  # noqa: E402
+from peft_mtp.alignment import IGNORE_INDEX, head_targets  # noqa: E402
 from peft_mtp.heads import HeadContext  # noqa: E402
 from peft_mtp.warmup import cache_trunk_outputs, warmup_heads  # noqa: E402
 
@@ -70,6 +73,7 @@ class Recipe:
     data_fraction: float = 1.0
     source: bool = True
     feature_layers: tuple[int, ...] = ()
+    copy_ngram: int = 0
 
     @classmethod
     def parse(cls, spec: str) -> Recipe:
@@ -87,6 +91,8 @@ class Recipe:
                 recipe.feature_loss_weight = float(part[4:])
             elif part.startswith("fl") and all(i.isdigit() for i in part[2:].split("+")):
                 recipe.feature_layers = tuple(sorted(int(i) for i in part[2:].split("+")))
+            elif part.startswith("copy") and part[4:].isdigit():
+                recipe.copy_ngram = int(part[4:])
             elif part.startswith("data") and _is_number(part[4:]):
                 recipe.data_fraction = float(part[4:])
             elif part[:1] == "b" and part[1:].isdigit():
@@ -97,7 +103,7 @@ class Recipe:
                 recipe.draft_vocab_size = int(part[1:])
             else:
                 raise SystemExit(f"Unknown recipe part {part!r} in {spec!r}: expected k<K>, v<N>, lr<rate>, "
-                                 "feat<weight>, bf16, soft, b<rows>, data<fraction>, fl<i>+<j> or nosource.")
+                                 "feat<weight>, bf16, soft, b<rows>, data<fraction>, fl<i>+<j>, copy<n> or nosource.")
         if recipe.num_heads < 1 or recipe.batch_rows < 1 or not 0.0 < recipe.data_fraction <= 1.0:
             raise SystemExit(f"Recipe {spec!r}: k<K> and b<rows> must be >= 1 and data<fraction> in (0, 1].")
         return recipe
@@ -139,21 +145,34 @@ def with_layers(batch, cached_layers: list[int], wanted: tuple[int, ...]):
 
 
 @torch.no_grad()
-def agreement(peft_model, cached) -> list[float]:
-    """Teacher-forced top-1 agreement of each head with the labels (the greedy answers) of cached batches."""
+def agreement(peft_model, cached) -> tuple[list[float], list[float] | None]:
+    """Teacher-forced top-1 agreement of each head with the labels (the greedy answers) of cached batches.
+
+    Returns:
+        The heads' own agreement, and for heads that copy (`copy_ngram`) the agreement of their drafts with the
+        copy candidates mixed in (else None).
+    """
     tuner = peft_model.base_model
     trunk, heads = tuner.get_trunk(), tuner.active_heads()
     was_training = heads.training
     heads.eval()
     hits = counts = 0
+    copy_hits = torch.zeros(heads.num_heads)
     for batch in cached:
         context = HeadContext(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                               layer_kwargs=batch.layer_kwargs, embed=trunk.embed)
-        result = tuner.compute_mtp_loss(heads(batch.head_input(heads), context), batch.labels,
-                                        trunk_hidden=batch.hidden, target_source="labels")
+        head_hidden = heads(batch.head_input(heads), context)
+        result = tuner.compute_mtp_loss(head_hidden, batch.labels, trunk_hidden=batch.hidden, target_source="labels",
+                                        input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         hits, counts = hits + result.head_correct.float(), counts + result.head_counts.float()
+        if heads.copy_gates is not None:
+            drafts = heads.copy_topk(head_hidden, trunk, heads.copy_candidates(batch.input_ids, batch.attention_mask))
+            for k in range(1, heads.num_heads + 1):
+                targets = head_targets(batch.labels, k)
+                copy_hits[k - 1] += (drafts[..., k - 1, 0] == targets)[targets != IGNORE_INDEX].sum()
     heads.train(was_training)
-    return (hits / counts.clamp(min=1)).tolist()
+    with_copy = None if heads.copy_gates is None else (copy_hits / counts.clamp(min=1)).tolist()
+    return (hits / counts.clamp(min=1)).tolist(), with_copy
 
 
 def main() -> None:
@@ -211,7 +230,7 @@ def main() -> None:
                            draft_vocab_size=recipe.draft_vocab_size or None,
                            head_target_source="soft" if recipe.soft else "argmax",
                            head_feature_loss_weight=recipe.feature_loss_weight,
-                           feature_layers=list(recipe.feature_layers) or None)
+                           feature_layers=list(recipe.feature_layers) or None, copy_ngram=recipe.copy_ngram)
         base, _ = load_model_and_tokenizer(str(model_path()), device="cpu")  # a fresh model for each recipe
         peft_model = get_peft_model(base, config)
         main_job.start_decoder_layers_as_identity(peft_model)
@@ -230,7 +249,9 @@ def main() -> None:
                       for kind in ("code", "chat"))
 
         def show(values):
-            return " / ".join(f"{v:.3f}" for v in values[:2])
+            own, with_copy = values if isinstance(values, tuple) else (values, None)
+            text = " / ".join(f"{v:.3f}" for v in own[:2])
+            return text if with_copy is None else f"{text} (copy: {' / '.join(f'{v:.3f}' for v in with_copy[:2])})"
 
         lines.append(f"| {recipe.spec} | {result.steps} | {show(result.head_accuracies)} | {show(code)} | "
                      f"{show(chat)} |")

@@ -87,6 +87,9 @@ class JobArguments:
         draft_vocab_size: tokens the heads predict over (`MTPConfig.draft_vocab_size`; 0 = the whole vocabulary).
         feature_loss_weight: `MTPConfig.head_feature_loss_weight` (EAGLE's feature regression).
         feature_layers: `MTPConfig.feature_layers`, comma-separated (empty: the trunk output alone).
+        copy_ngram: `MTPConfig.copy_ngram`: heads that can copy the token that followed the previous occurrence of the
+            last n tokens, weighed by a learned gate (`peft_mtp.copying`); 0 turns it off. The agreement column
+            then reads what the heads draft, with their candidates, and "alone" what the heads predict without.
 
     > Parameters that control the data
 
@@ -153,6 +156,8 @@ class JobArguments:
                                                                       "regress the trunk state they stand for."})
     feature_layers: str = field(default="", metadata={"help": "MTPConfig.feature_layers, comma-separated: trunk layers "
                                                                "whose outputs the heads also read ('' for none)."})
+    copy_ngram: int = field(default=2, metadata={"help": "MTPConfig.copy_ngram: heads also propose the token that "
+                                                         "followed the last n tokens before (0: off)."})
     draft_vocab_size: int = field(default=2048, metadata={"help": "Tokens the heads predict over, the most frequent "
                                                                    "of the training answers (0: the whole vocabulary)."})
     num_train_prompts: int | None = field(default=None, metadata={"help": "Training prompts to distill."})
@@ -515,7 +520,7 @@ def train_heads(args: JobArguments, base_model, tokenizer, data: datasets.Datase
     mtp_config = MTPConfig(num_heads=args.num_heads, head_type=args.head_type, num_layers=args.num_layers,
                            head_weight_schedule="uniform", draft_vocab_size=args.draft_vocab_size or None,
                            head_target_source="argmax", head_feature_loss_weight=args.feature_loss_weight,
-                           feature_layers=args.feature_layer_indices or None)
+                           feature_layers=args.feature_layer_indices or None, copy_ngram=args.copy_ngram)
     key = settings_key(data_key, mtp_config.to_dict(), args.warmup_epochs, args.warmup_learning_rate,
                        args.num_text_tokens, args.text_window, args.sft_epochs, args.sft_learning_rate,
                        args.sft_batch_size, args.seed, args.mixed_precision, args.warmup_batch_size)
@@ -624,23 +629,31 @@ def greedy_answers(model, tokenizer, prompts: datasets.Dataset, max_new_tokens: 
 def head_agreement(peft_model, tokenizer, prompts: datasets.Dataset, answers: list[list[int]]) -> dict[str, Any]:
     """Top-1 agreement of each head with the model's greedy answer, teacher-forced, and chained tokens/step.
 
+    For heads that copy (`copy_ngram`), `head_agreement` scores what they draft (their candidates mixed in) and
+    `head_agreement_alone` the heads' own predictions.
+
     `mtp_logits[:, t, k-1]` predicts token t+1+k; positions t run over the answer (from the last prompt token).
     Tokens per verify step simulates greedy chained drafting on the same answers: from position t, the drafts of
     heads 1..a are accepted while each matches, and the step yields 1 + a tokens.
     """
     num_heads = peft_model.base_model.active_heads().num_heads
-    hits, counts = torch.zeros(num_heads), torch.zeros(num_heads)
+    hits, alone_hits, counts = torch.zeros(num_heads), torch.zeros(num_heads), torch.zeros(num_heads)
+    copying = False
     steps = tokens = 0
     for messages, answer in zip(prompts["messages"], answers):
         prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                    return_dict=False)
         ids = torch.tensor([list(prompt_ids) + answer], device=peft_model.device)
-        predicted = peft_model(input_ids=ids, output_mtp_logits=True).mtp_logits[0].argmax(-1).cpu()  # (T, K)
+        output = peft_model(input_ids=ids, output_mtp_logits=True)
+        predicted = output.mtp_logits[0].argmax(-1).cpu()  # (T, K): what the heads draft (with copy candidates)
+        copying = output.mtp_head_logits is not None
+        alone = output.mtp_head_logits[0].argmax(-1).cpu() if copying else predicted
         ids = ids[0].cpu()
         first, end = len(prompt_ids), ids.shape[0]  # answer tokens are ids[first:end]
         for k in range(1, num_heads + 1):
             positions = torch.arange(first - 1, end - 1 - k)
             hits[k - 1] += (predicted[positions, k - 1] == ids[positions + 1 + k]).sum()
+            alone_hits[k - 1] += (alone[positions, k - 1] == ids[positions + 1 + k]).sum()
             counts[k - 1] += len(positions)
         t = first - 1
         while t + 1 < end:
@@ -650,7 +663,10 @@ def head_agreement(peft_model, tokenizer, prompts: datasets.Dataset, answers: li
             steps += 1
             tokens += 1 + accepted
             t += 1 + accepted
-    return {"head_agreement": (hits / counts.clamp(min=1)).tolist(), "tokens_per_step_simulated": tokens / max(steps, 1)}
+    result = {"head_agreement": (hits / counts.clamp(min=1)).tolist(), "tokens_per_step_simulated": tokens / max(steps, 1)}
+    if copying:
+        result["head_agreement_alone"] = (alone_hits / counts.clamp(min=1)).tolist()
+    return result
 
 
 def time_generation(peft_model, tokenizer, prompts: datasets.Dataset, args: JobArguments,
@@ -751,7 +767,9 @@ def evaluate(args: JobArguments, peft_model, tokenizer, splits: datasets.Dataset
         banner(f"eval ({kind}): greedy answers of {len(prompts)} held-out prompts, head agreement", clock)
         answers = greedy_answers(peft_model, tokenizer, prompts, args.eval_max_new_tokens, args.distill_batch_size)
         agreement = head_agreement(peft_model, tokenizer, prompts, answers)
-        print(f"eval ({kind}): head agreement {[round(a, 3) for a in agreement['head_agreement']]}, simulated "
+        alone = agreement.get("head_agreement_alone")
+        print(f"eval ({kind}): head agreement {[round(a, 3) for a in agreement['head_agreement']]}"
+              + (f" (heads alone {[round(a, 3) for a in alone]})" if alone else "") + ", simulated "
               f"tokens/step {agreement['tokens_per_step_simulated']:.2f}")
         banner(f"eval ({kind}): timing {args.num_speed_prompts} prompts, batch 1", clock)
         timing = time_generation(peft_model, tokenizer, prompts.select(range(args.num_speed_prompts)), args, corpus)
@@ -776,6 +794,8 @@ def format_table(args: JobArguments, results: dict[str, Any]) -> str:
     for kind in ("code", "chat"):
         result = results[kind]
         agreement = " / ".join(f"{a:.2f}" for a in result["head_agreement"])
+        if "head_agreement_alone" in result:
+            agreement += " (alone " + " / ".join(f"{a:.2f}" for a in result["head_agreement_alone"]) + ")"
         for mode, row in result["modes"].items():
             acceptance = " / ".join("-" if a is None else f"{a:.2f}" for a in row["acceptance"])
             shape, depth = mode_shape_and_depth(mode)

@@ -72,6 +72,13 @@ class MTPConfig(PeftConfig):
             last layer has traded for the next token's, so a head can match the current token against earlier
             text and copy what followed it. Costs one `(n x hidden) -> hidden` projection per new position.
             `None`: the trunk output alone.
+        copy_ngram (`int`, *optional*, defaults to `0`):
+            Heads that can copy (`peft_mtp.copying`): with n > 0 each head also proposes the token that followed
+            the latest earlier occurrence of the last n tokens it knows, and a learned gate weighs that candidate
+            against the head's own distribution. Code and chat repeat their prompt and themselves, which
+            one-layer heads predict poorly: on SmolLM2 the main job's head 1 agreed with the model on 0.49 of
+            held-out code positions, the bigram candidate alone was right on 0.47. 2 is a good start; 0 turns
+            copying off.
 
     > Parameters that control the loss
 
@@ -170,6 +177,11 @@ class MTPConfig(PeftConfig):
         metadata={"help": "Trunk decoder layers (0-based) whose outputs heads read beside the trunk output, fused "
                           "by a learned projection (EAGLE-3). E.g. [2, 15] on a 30-layer model. None: trunk "
                           "output only."},
+    )
+    copy_ngram: int = field(
+        default=0,
+        metadata={"help": "Heads also propose the token that followed the last n tokens' previous occurrence, "
+                          "weighed by a learned gate (peft_mtp.copying). 0: off; 2 is a good start."},
     )
     mtp_loss_weight: float = field(
         default=1.0, metadata={"help": "loss = lm_loss + mtp_loss_weight * weighted mean of the head losses."}
@@ -275,6 +287,11 @@ class MTPConfig(PeftConfig):
             if len(set(layers)) != len(layers):
                 raise ValueError(f"`feature_layers` names a layer twice: {list(layers)!r}; list each layer once.")
             self.feature_layers = sorted(layers)
+        if not isinstance(self.copy_ngram, int) or isinstance(self.copy_ngram, bool) or self.copy_ngram < 0:
+            raise ValueError(
+                f"`copy_ngram` must be an integer >= 0 (0 = heads do not copy; 2 matches the last two tokens), got "
+                f"{self.copy_ngram!r}."
+            )
         if not (isinstance(self.mtp_loss_weight, (int, float)) and math.isfinite(self.mtp_loss_weight)
                 and self.mtp_loss_weight >= 0):
             raise ValueError(f"`mtp_loss_weight` must be a finite float >= 0, got {self.mtp_loss_weight!r}.")

@@ -24,6 +24,7 @@ from torch import nn
 
 from .alignment import future_tokens
 from .config import MTPConfig
+from .copying import CopyGate, copy_candidates, mix_copy, mixture_topk
 from .draft_vocab import DraftVocabulary
 from .trunk import Trunk, call_layer
 
@@ -438,6 +439,10 @@ class MTPHeadStack(nn.Module):
         self.unembeddings = None
         if not config.share_unembedding:
             self.unembeddings = nn.ModuleList(_copy_unembedding(trunk.unembedding) for _ in range(config.num_heads))
+        self.copy_ngram = config.copy_ngram
+        self.copy_gates = None
+        if config.copy_ngram:
+            self.copy_gates = nn.ModuleList(CopyGate(trunk.hidden_size) for _ in range(config.num_heads))
         self.draft_vocab = None
         if config.draft_vocab_size is not None:
             self.draft_vocab = DraftVocabulary(config.draft_vocab_size, trunk.vocab_size)
@@ -566,6 +571,68 @@ class MTPHeadStack(nn.Module):
             cached = (weight.detach()[ids], None if bias is None else bias.detach()[ids])
             self._frozen_rows[key] = cached
         return cached
+
+    def copy_candidates(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`(B, T, K)` each head's copy candidate at each position (-1: none); see `peft_mtp.copying`."""
+        return copy_candidates(input_ids, self.num_heads, self.copy_ngram, self.head_type == "sequential",
+                               attention_mask)
+
+    def copy_gate_logits(self, head_hidden: torch.Tensor, trunk: Trunk, candidates: torch.Tensor,
+                         k: int | None = None) -> torch.Tensor:
+        """Logits of each head's copy gate (g = P(candidate is the target)); `-inf` where there is no candidate.
+
+        Args:
+            head_hidden: `(..., K, H)` head outputs, or `(..., H)` of head `k` alone.
+            trunk: the base model's trunk (final norm, unembedding, logit transform).
+            candidates: `(..., K)` or `(...)` candidate token ids, -1 where none.
+            k: the head (1..K) when `head_hidden` holds one head's outputs.
+
+        Returns:
+            `(..., K)` or `(...)` float32 gate logits.
+        """
+        if self.copy_gates is None:
+            raise ValueError("These heads do not copy (`MTPConfig.copy_ngram=0`).")
+        heads = [k] if k is not None else range(1, self.num_heads + 1)
+        gates = []
+        for index, head in enumerate(heads):
+            hidden = head_hidden if k is not None else head_hidden[..., index, :]
+            candidate = candidates if k is not None else candidates[..., index]
+            linear = self.unembedding_of(head) or trunk.unembedding
+            normed = trunk.final_norm(hidden)
+            rows = linear.weight[candidate.clamp(min=0)]  # (..., H): the candidate's unembedding row
+            logit = (normed.to(rows.dtype) * rows).sum(-1)
+            if getattr(linear, "bias", None) is not None:
+                logit = logit + linear.bias[candidate.clamp(min=0)]
+            gate = self.copy_gates[head - 1](normed, trunk.transform_logits(logit))
+            gates.append(gate.masked_fill(candidate < 0, float("-inf")))
+        return gates[0] if k is not None else torch.stack(gates, dim=-1)
+
+    def copy_topk(self, head_hidden: torch.Tensor, trunk: Trunk, candidates: torch.Tensor, k: int = 1,
+                  head: int | None = None, slot_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids of each head's k best drafts with its copy candidate mixed in (`copying.mixture_topk`).
+
+        Args:
+            head_hidden: `(..., K, H)` head outputs, or `(..., H)` of head `head` alone.
+            trunk: the base model's trunk.
+            candidates: `(..., K)` or `(...)` candidate token ids, -1 where none.
+            k: drafts per head.
+            head: the head (1..K) when `head_hidden` holds one head's outputs.
+            slot_logits: the heads' `draft_logits` of `head_hidden` when already computed.
+
+        Returns:
+            `(..., K, k)` or `(..., k)` token ids, best first.
+        """
+        if slot_logits is None:
+            slot_logits = self.draft_logits(head_hidden, trunk, k=head)
+        gates = self.copy_gate_logits(head_hidden, trunk, candidates, k=head)
+        to_slots = None if self.draft_vocab is None else self.draft_vocab.to_slots
+        return mixture_topk(slot_logits, candidates, gates, k, token_ids=self.token_ids if self.draft_vocab else None,
+                            to_slots=to_slots)
+
+    def copy_log_probs(self, head_hidden: torch.Tensor, trunk: Trunk, candidates: torch.Tensor) -> torch.Tensor:
+        """`(..., K, V)` log-probabilities of each head's drafts with its copy candidate mixed in (`mix_copy`)."""
+        log_probs = torch.log_softmax(self.logits(head_hidden, trunk).float(), dim=-1)
+        return mix_copy(log_probs, candidates, self.copy_gate_logits(head_hidden, trunk, candidates))
 
     def full_vocab_logits(self, draft_logits: torch.Tensor) -> torch.Tensor:
         """Scatter `(..., N)` draft-vocabulary logits into `(..., V)`, `-inf` for tokens heads cannot draft."""

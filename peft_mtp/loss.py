@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from .alignment import IGNORE_INDEX, head_targets
+from .copying import copy_gate_loss
 
 DEFAULT_CHUNK_ROWS = 1024
 # Upper bound on the elements of one float32 logits tile (rows x vocab): 2**26 floats = 256 MiB. Large
@@ -85,6 +86,10 @@ class MTPLossOutput:
         head_counts: `(K,)` number of valid targets of each head (the denominator of its accuracy).
         head_scored: `(K,)` number of those the loss scored (the denominator of its loss): fewer than
             `head_counts` only with a draft vocabulary, which cannot score targets outside it.
+        copy_loss: `(K,)` mean binary cross-entropy of each head's copy gate over the targets that had a copy
+            candidate (`peft_mtp.copying`; None when heads do not copy). Already inside `loss`.
+        copy_scored: `(K,)` targets with a copy candidate.
+        copy_right: `(K,)` of those, how many had the right candidate.
     """
 
     loss: torch.Tensor
@@ -93,6 +98,9 @@ class MTPLossOutput:
     head_correct: torch.Tensor
     head_counts: torch.Tensor
     head_scored: torch.Tensor
+    copy_loss: torch.Tensor | None = None
+    copy_scored: torch.Tensor | None = None
+    copy_right: torch.Tensor | None = None
 
     @property
     def head_accuracies(self) -> torch.Tensor:
@@ -317,6 +325,8 @@ def mtp_loss(
     sample_rate: float = 1.0,
     target_slots: Callable[[torch.Tensor], torch.Tensor] | None = None,
     feature_weight: float = 0.0,
+    copy_candidates: torch.Tensor | None = None,
+    copy_gate_logits: torch.Tensor | None = None,
 ) -> MTPLossOutput:
     """Weighted loss of K heads against tokens t+1+k, without materialising their logits.
 
@@ -336,6 +346,10 @@ def mtp_loss(
             token ids to their slots, -1 outside it. Targets outside give no loss and count as misses.
         feature_weight: weight of the feature-regression term: head k's output at t against the trunk's hidden state
             at t+k (smooth L1, mean over the hidden size and the head's valid targets); needs `trunk_hidden`.
+        copy_candidates: `(B, T, K)` heads' copy candidates (-1: none) when the heads copy (`peft_mtp.copying`).
+        copy_gate_logits: `(B, T, K)` their gates' logits, computed on detached head outputs; each gate's binary
+            cross-entropy against "the candidate is the target" (mean over targets with a candidate) is added
+            with the head's weight.
 
     Returns:
         An `MTPLossOutput`. A head with no valid target contributes 0 (never NaN).
@@ -348,7 +362,9 @@ def mtp_loss(
     if target_source == "argmax":
         labels = model_predictions(labels, trunk_hidden, unembedding_of(0), chunk_rows)
     seq_len, num_heads = head_hidden.shape[1], head_hidden.shape[2]
-    sums, hits, counts, scored_counts = [], [], [], []
+    if (copy_candidates is None) != (copy_gate_logits is None):
+        raise ValueError("Pass both `copy_candidates` and `copy_gate_logits`, or neither.")
+    sums, hits, counts, scored_counts, copy_sums, copy_scored, copy_right = [], [], [], [], [], [], []
     total = head_hidden.new_zeros((), dtype=torch.float32)
     for k in range(1, num_heads + 1):
         targets = head_targets(labels, k, position_ids)  # (B, T)
@@ -379,6 +395,13 @@ def mtp_loss(
             target = trunk_hidden[:, k:][valid[:, : seq_len - k]].detach()
             feature = torch.nn.functional.smooth_l1_loss(hidden_k.float(), target.float())
             total = total + weights[k - 1] * feature_weight * feature
+        if copy_candidates is not None:
+            gate_sum, gate_scored, right = copy_gate_loss(copy_gate_logits[..., k - 1], copy_candidates[..., k - 1],
+                                                          targets, valid)
+            total = total + weights[k - 1] * (gate_sum / gate_scored.clamp(min=1))
+            copy_sums.append(gate_sum.detach())
+            copy_scored.append(gate_scored)
+            copy_right.append(right)
         sums.append(loss_sum.detach())
         hits.append(hit)
         counts.append(count)
@@ -387,6 +410,11 @@ def mtp_loss(
         # No valid target anywhere: keep the graph connected so backward() runs (with zero gradients).
         total = total + 0.0 * head_hidden.sum()
     head_loss_sums, head_scored = torch.stack(sums), torch.stack(scored_counts)
+    copy = {}
+    if copy_candidates is not None:
+        scored_copies = torch.stack(copy_scored)
+        copy = dict(copy_loss=torch.stack(copy_sums) / scored_copies.clamp(min=1), copy_scored=scored_copies,
+                    copy_right=torch.stack(copy_right))
     return MTPLossOutput(
         loss=total,
         head_losses=head_loss_sums / head_scored.clamp(min=1),
@@ -394,4 +422,5 @@ def mtp_loss(
         head_correct=torch.stack(hits),
         head_counts=torch.stack(counts),
         head_scored=head_scored,
+        **copy,
     )

@@ -48,13 +48,17 @@ class MTPCausalLMOutputWithPast(CausalLMOutputWithPast):
 
     Attributes:
         mtp_logits: `(B, T, K, V)` head logits when `output_mtp_logits=True`; `[:, t, k-1]` predicts
-            token t+1+k (only the positions kept by `logits_to_keep`).
+            token t+1+k (only the positions kept by `logits_to_keep`). For heads that copy
+            (`MTPConfig.copy_ngram`), the log-probabilities of what they draft: each head's distribution with its
+            copy candidate mixed in (`peft_mtp.copying`).
+        mtp_head_logits: for heads that copy, the heads' own logits (without the candidates), else None.
         mtp_loss: weighted MTP loss (already added to `loss`), when labels were given.
         mtp_head_losses: `(K,)` mean cross-entropy of each head, when labels were given.
         mtp_head_accuracies: `(K,)` top-1 accuracy of each head, when labels were given.
     """
 
     mtp_logits: torch.FloatTensor | None = None
+    mtp_head_logits: torch.FloatTensor | None = None
     mtp_loss: torch.FloatTensor | None = None
     mtp_head_losses: torch.FloatTensor | None = None
     mtp_head_accuracies: torch.FloatTensor | None = None
@@ -267,11 +271,18 @@ class MTPModel(BaseTuner):
 
         extra: dict[str, Any] = {}
         if output_mtp_logits:
-            kept = _keep_positions(head_hidden, kwargs.get("logits_to_keep", 0))
+            keep = kwargs.get("logits_to_keep", 0)
+            kept = _keep_positions(head_hidden, keep)
             extra["mtp_logits"] = heads.logits(kept, self.get_trunk())
+            if heads.copy_gates is not None:
+                # What the heads draft: their distributions with the copy candidates mixed in (log-probabilities).
+                extra["mtp_head_logits"] = extra["mtp_logits"]
+                candidates = _keep_positions(self._copy_candidates(input_ids, context.attention_mask), keep)
+                extra["mtp_logits"] = heads.copy_log_probs(kept, self.get_trunk(), candidates)
         if labels is not None:
             result = self.compute_mtp_loss(head_hidden, labels, kwargs.get("position_ids"),
-                                           trunk_hidden=captured.hidden)
+                                           trunk_hidden=captured.hidden, input_ids=input_ids,
+                                           attention_mask=context.attention_mask)
             extra.update(mtp_loss=result.loss, mtp_head_losses=result.head_losses,
                          mtp_head_accuracies=result.head_accuracies)
             weight = self.current_mtp_loss_weight()
@@ -299,6 +310,8 @@ class MTPModel(BaseTuner):
         self, head_hidden: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None = None,
         trunk_hidden: torch.Tensor | None = None,
         target_source: str | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> MTPLossOutput:
         """Weighted, chunked loss of the active heads against tokens t+1+k (see `peft_mtp.loss`).
 
@@ -309,6 +322,9 @@ class MTPModel(BaseTuner):
             trunk_hidden: `(B, T, H)` trunk output, the teacher of `head_target_source="argmax"` / `"soft"`.
             target_source: overrides the config's `head_target_source` (e.g. `"labels"` for labels that already
                 hold the model's predictions).
+            input_ids: `(B, T)` tokens of the pass; heads that copy (`MTPConfig.copy_ngram`) need them to find
+                their candidates and train their gates.
+            attention_mask: optional `(B, T)` padding mask of those tokens.
 
         Returns:
             An `MTPLossOutput` (weighted loss, per-head losses and accuracies).
@@ -316,11 +332,26 @@ class MTPModel(BaseTuner):
         config = self.active_config()
         # Sampling targets is a training-time saving: evaluation scores every target.
         sample_rate = config.head_loss_sample_rate if self.training else 1.0
-        vocabulary = self.active_heads().draft_vocab
+        heads = self.active_heads()
+        vocabulary = heads.draft_vocab
+        candidates = gates = None
+        if heads.copy_gates is not None:
+            candidates = self._copy_candidates(input_ids, attention_mask)
+            # The gates are probes of the heads' outputs: their loss does not move the heads (peft_mtp.copying).
+            gates = heads.copy_gate_logits(head_hidden.detach(), self.get_trunk(), candidates)
         return mtp_loss(head_hidden, labels, self.head_unembedding, config.head_loss_weights(), position_ids,
                         target_source=target_source or config.head_target_source, trunk_hidden=trunk_hidden,
                         sample_rate=sample_rate, feature_weight=config.head_feature_loss_weight,
-                        target_slots=None if vocabulary is None else vocabulary.to_slots)
+                        target_slots=None if vocabulary is None else vocabulary.to_slots,
+                        copy_candidates=candidates, copy_gate_logits=gates)
+
+    def _copy_candidates(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if input_ids is None:
+            raise ValueError(
+                f"These heads copy (`copy_ngram`={self.active_config().copy_ngram}) and need `input_ids` to find their "
+                "candidates; pass `input_ids` instead of `inputs_embeds`."
+            )
+        return self.active_heads().copy_candidates(input_ids, attention_mask)
 
     def head_unembedding(self, k: int) -> Unembedding:
         """Final norm, unembedding and logit transform of head k (k = 0: the model's own head).

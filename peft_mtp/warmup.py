@@ -302,7 +302,8 @@ def warmup_heads(
                 head_hidden = heads(batch.head_input(heads), context)  # (B, T, K, H)
                 target_source = "soft" if soft else "labels" if batch.argmax_labels else None
                 result = tuner.compute_mtp_loss(head_hidden, batch.labels, trunk_hidden=batch.hidden,
-                                                target_source=target_source)
+                                                target_source=target_source, input_ids=batch.input_ids,
+                                                attention_mask=batch.attention_mask)
             loss = result.loss
             loss.backward()
             losses += result.head_loss_sums.float().cpu()

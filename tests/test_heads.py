@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from peft import get_peft_model
 from testing_common import (
+    COPY_TEST_CASES,
     FEATURE_TEST_CASES,
     IDENTITY_AT_INIT_HEAD_TYPES,
     SEQ_LEN,
@@ -63,7 +64,7 @@ def test_future_tokens_of_depth_k_is_token_t_plus_k():
 # Every head type on every architecture
 
 
-@pytest.mark.parametrize(**case_params(TEST_CASES + FEATURE_TEST_CASES))
+@pytest.mark.parametrize(**case_params(TEST_CASES + FEATURE_TEST_CASES + COPY_TEST_CASES))
 def test_head_is_causal(arch, config_cls, config_kwargs):
     _check_causality(arch, config_cls, config_kwargs)
 
@@ -79,7 +80,7 @@ def test_fresh_heads_reproduce_next_token_logits(arch, config_cls, config_kwargs
     _check_identity_at_init(arch, config_cls, config_kwargs)
 
 
-@pytest.mark.parametrize(**case_params(TEST_CASES + FEATURE_TEST_CASES))
+@pytest.mark.parametrize(**case_params(TEST_CASES + FEATURE_TEST_CASES + COPY_TEST_CASES))
 def test_no_two_heads_share_a_module_or_parameter(arch, config_cls, config_kwargs):
     _check_no_sharing(arch, config_cls, config_kwargs)
 
@@ -148,14 +149,16 @@ def _check_causality(arch, config_cls, config_kwargs):
     """Change every token from position `cut` on; outputs at positions that may not read token `cut` must not move.
 
     Parallel heads read tokens <= t (what the next-token head reads), so their outputs at t <= cut-1 are fixed;
-    `sequential` head k also reads t+1..t+k, so its outputs at t <= cut-1-k are fixed. Either way token t+1+k, the
-    one head k predicts, is never read. Row `cut` of one batch holds the sequence changed from `cut` on (row 0 is
+    `sequential` head k also reads t+1..t+k, so its outputs at t <= cut-1-k are fixed. Heads that copy
+    (`copy_ngram`) draft from the mixture with their candidate, which parallel heads take from tokens up to t+1 (the
+    model's own next token, known when they draft). Either way token t+1+k, the one head k predicts, is never read. Row `cut` of one batch holds the sequence changed from `cut` on (row 0 is
     unchanged), so every row runs through the same kernels and fixed positions must match bit for bit. The control:
     the first position allowed to read token `cut` must move, so a head that reads one token too many, or one that
     does not read the chain it drafts, fails.
     """
     model = make_mtp_model(arch, config_cls, head_init="random", **config_kwargs)
     sequential = config_kwargs["head_type"] == "sequential"
+    copying = bool(config_kwargs.get("copy_ngram"))
     original = random_ids(batch=1)
     rows = [original[0]]
     for cut in range(1, SEQ_LEN):
@@ -165,14 +168,14 @@ def _check_causality(arch, config_cls, config_kwargs):
     mtp_logits = run(model, torch.stack(rows)).mtp_logits  # (SEQ_LEN, T, K, V); row `cut` changed from `cut` on
 
     for k in range(1, config_kwargs["num_heads"] + 1):
-        reads_ahead = k if sequential else 0  # head k at t reads tokens up to t + reads_ahead < t + target_offset(k)
+        reads_ahead = k if sequential else int(copying)  # head k at t reads up to t + reads_ahead < t + target_offset(k)
         assert reads_ahead < target_offset(k)
         for cut in range(1, SEQ_LEN):
             first_reader = cut - reads_ahead  # the first position allowed to read token `cut`
             if first_reader > 0:
                 assert torch.equal(mtp_logits[cut, :first_reader, k - 1], mtp_logits[0, :first_reader, k - 1]), (
                     f"head {k} at a position t < {first_reader} reads token {cut} > t+{reads_ahead}")
-            if first_reader >= 0:
+            if first_reader >= 0 and (sequential or not copying):  # a copy reads token t+1 only where it repeats
                 assert not torch.equal(mtp_logits[cut, first_reader, k - 1], mtp_logits[0, first_reader, k - 1]), (
                     f"head {k} at t={first_reader} should read token {cut} but its output did not change")
 

@@ -15,6 +15,7 @@ from peft import PeftModel, get_peft_model
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from testing_common import (  # noqa: F401 (one_torch_thread: autouse fixture)
+    COPY_TEST_CASES,
     FEATURE_TEST_CASES,
     LORA_TEST_CASES,
     TEST_CASES,
@@ -36,17 +37,17 @@ WEIGHTS = "adapter_model.safetensors"
 # Every head type on every architecture
 
 
-@pytest.mark.parametrize(**case_params(TEST_CASES + FEATURE_TEST_CASES))
+@pytest.mark.parametrize(**case_params(TEST_CASES + FEATURE_TEST_CASES + COPY_TEST_CASES))
 def test_save_load_roundtrip_is_exact(tmp_path, arch, config_cls, config_kwargs):
     _check_save_load_roundtrip(tmp_path, arch, config_cls, config_kwargs)
 
 
-@pytest.mark.parametrize(**case_params(TEST_CASES + LORA_TEST_CASES + FEATURE_TEST_CASES))
+@pytest.mark.parametrize(**case_params(TEST_CASES + LORA_TEST_CASES + FEATURE_TEST_CASES + COPY_TEST_CASES))
 def test_disable_adapter_gives_base_logits_exactly(arch, config_cls, config_kwargs):
     _check_disable_adapter(arch, config_cls, config_kwargs)
 
 
-@pytest.mark.parametrize(**case_params(TEST_CASES + LORA_TEST_CASES + FEATURE_TEST_CASES))
+@pytest.mark.parametrize(**case_params(TEST_CASES + LORA_TEST_CASES + FEATURE_TEST_CASES + COPY_TEST_CASES))
 def test_only_adapter_parameters_are_trainable_and_training_moves_only_them(arch, config_cls, config_kwargs):
     _check_only_adapter_trainable(arch, config_cls, config_kwargs)
 

@@ -45,6 +45,14 @@ FEATURE_TEST_CASES: list[tuple[str, str, type, dict[str, Any]]] = [
 ]
 
 
+# Every architecture once with heads that copy (`copy_ngram`), on a position-wise and a sequential head type.
+COPY_TEST_CASES: list[tuple[str, str, type, dict[str, Any]]] = [
+    (f"{arch}-{head_type}-copy", arch, MTPConfig, {"head_type": head_type, "num_heads": 2, "copy_ngram": 1})
+    for arch in ARCHITECTURES
+    for head_type in ("ffn", "sequential")
+]
+
+
 def lora_config(arch: str) -> LoraConfig:
     """A small trunk LoRA for `arch` whose B matrices are random, so that it changes the model's logits."""
     # GPT-2's `Conv1D` stores its weight transposed: PEFT needs to be told (`fan_in_fan_out`).

@@ -140,8 +140,8 @@ class HeadDrafter:
             verified: maps `(B, W)` positions to verified token ids (positions < `num_verified`).
             num_verified: `(B,)` verified tokens per row; the last one (position V) is the one the
                 model is fed next, and trunk outputs exist for positions < V.
-            pick: `(k, logits (B, N)) -> (B,)` chooses depth k's draft (a token id) from its logits over the
-                heads' vocabulary.
+            pick: `(k, logits (B, N), hidden (B, H)) -> (B,)` chooses depth k's draft (a token id) from its logits
+                over the heads' vocabulary (and its output, for heads that copy).
 
         Returns:
             `(B, depth)` drafts; `[:, k-1]` is the token at position V+k.
@@ -192,7 +192,7 @@ class HeadDrafter:
             # Draft k: the output at position V-1, window entry inputs_len - 1.
             last_output = outputs[torch.arange(batch, device=device), inputs_len - 1]
             logits = self.heads.draft_logits(last_output, self.trunk, k=k)  # (B, N)
-            drafts = torch.cat([drafts, pick(k, logits)[:, None]], dim=1)
+            drafts = torch.cat([drafts, pick(k, logits, last_output)[:, None]], dim=1)
             previous, previous_len = outputs, inputs_len
         return drafts
 

@@ -24,6 +24,7 @@ from transformers import DynamicCache
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from ..copying import next_copy_candidate
 from ..fast_linear import fast_small_row_linear
 from .acceptance import sample, speculative_sample_chain
 from .drafter import HeadDrafter
@@ -358,38 +359,84 @@ class SpeculativeDecoder:
         """Node tokens `(R, N)` (root first) and, for sampled chains, the draft distributions `(R, depth, V)`.
 
         Tree candidates are each head's top-k; `sequential` heads rank depth k's after the best drafts of
-        depths 1..k-1 (their trees branch on that chain only).
+        depths 1..k-1 (their trees branch on that chain only). Heads that copy (`MTPConfig.copy_ngram`) draft
+        from their distributions with their copy candidates mixed in (`peft_mtp.copying`).
         """
         root = self.root
         if depth == 0:
             return root[:, None], None
+        copying = self.heads.copy_gates is not None
         if self.drafter.sequential:
             probs: list[torch.Tensor] = []
             candidates: list[torch.Tensor] = []  # trees: each depth's top-k, ranked after the best chain
+            chain: list[torch.Tensor] = []  # the drafts depths 1..k-1 chose, which depth k reads
 
-            def pick(k: int, logits: torch.Tensor) -> torch.Tensor:
-                if not tree.is_chain:
-                    candidates.append(self.heads.token_ids(logits.topk(tree.topk[k - 1], dim=-1).indices))
-                    return candidates[-1][:, 0]  # the chain goes on from the best candidate
-                if not self.do_sample:
-                    return self.heads.token_ids(logits.argmax(dim=-1))
+            def pick(k: int, logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+                copy = self._copy_candidates(chain, [1])[:, 0] if copying else None
+                if not tree.is_chain or not self.do_sample:
+                    width = 1 if tree.is_chain else tree.topk[k - 1]
+                    if copy is not None:
+                        best = self.heads.copy_topk(hidden, self.trunk, copy, width, head=k, slot_logits=logits)
+                    else:
+                        best = self.heads.token_ids(logits.topk(width, dim=-1).indices)
+                    if not tree.is_chain:
+                        candidates.append(best)
+                    chain.append(best[:, 0])  # the chain goes on from the best candidate
+                    return chain[-1]
                 scores = self._process_rows(self.heads.full_vocab_logits(logits).float())
-                probs.append(torch.softmax(scores, dim=-1))
-                return torch.multinomial(probs[-1], 1)[:, 0]
+                probs.append(self._with_copy(torch.softmax(scores, dim=-1), hidden, copy, k))
+                chain.append(torch.multinomial(probs[-1], 1)[:, 0])
+                return chain[-1]
 
             drafts = self.drafter.draft_chain(depth, self._verified_tokens, self._num_verified(), pick)
             if not tree.is_chain:
                 return tree.node_tokens(root, candidates), None
             return torch.cat([root[:, None], drafts], dim=1), (torch.stack(probs, dim=1) if probs else None)
         logits = self.drafter.head_logits(tree.depth)  # (R, D, N), one unembedding matmul for all heads
+        hidden = self.drafter.last_hidden[:, : tree.depth]
+        # Parallel head k drafts the token k after the root: its candidate is k tokens after the match.
+        copy = self._copy_candidates([], list(range(1, tree.depth + 1))) if copying else None
         if self.do_sample and tree.is_chain:
             full = self.heads.full_vocab_logits(logits)  # (R, D, V): processors and acceptance work on token ids
-            scores = torch.stack([self._process_rows(full[:, k].float()) for k in range(tree.depth)], dim=1)
-            probs = torch.softmax(scores, dim=-1)
+            probs = torch.stack([self._with_copy(torch.softmax(self._process_rows(full[:, k].float()), dim=-1),
+                                                 hidden[:, k], None if copy is None else copy[:, k], k + 1)
+                                 for k in range(tree.depth)], dim=1)
             drafts = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).view(probs.shape[:2])
             return torch.cat([root[:, None], drafts], dim=1), probs
-        candidates = [self.heads.token_ids(logits[:, k].topk(tree.topk[k], dim=-1).indices) for k in range(tree.depth)]
+        if copy is not None:
+            candidates = [self.heads.copy_topk(hidden[:, k], self.trunk, copy[:, k], tree.topk[k], head=k + 1,
+                                               slot_logits=logits[:, k]) for k in range(tree.depth)]
+        else:
+            candidates = [self.heads.token_ids(logits[:, k].topk(tree.topk[k], dim=-1).indices)
+                          for k in range(tree.depth)]
         return tree.node_tokens(root, candidates), None
+
+    def _copy_candidates(self, chain: list[torch.Tensor], offsets: list[int]) -> torch.Tensor:
+        """`(R, len(offsets))` copy candidates after each active row's tokens and `chain` drafts (-1: none).
+
+        Args:
+            chain: `(R,)` drafts that follow the root, in order (a sequential chain's depths so far).
+            offsets: distances from the last of those tokens to the drafted one.
+        """
+        lengths = self.lengths[self.rows]
+        end = int(lengths.max())
+        tokens = self.sequences[self.rows, :end]
+        if chain:
+            tokens = torch.cat([tokens, tokens.new_zeros(tokens.shape[0], len(chain))], dim=1)
+            columns = lengths[:, None] + torch.arange(len(chain), device=tokens.device)[None]
+            tokens = tokens.scatter(1, columns, torch.stack(chain, dim=1))
+        ngram, starts = self.heads.copy_ngram, self.left_pad[self.rows]
+        return torch.stack([next_copy_candidate(tokens, lengths + len(chain), ngram, offset, starts)
+                            for offset in offsets], dim=1)
+
+    def _with_copy(self, probs: torch.Tensor, hidden: torch.Tensor, copy: torch.Tensor | None,
+                   k: int) -> torch.Tensor:
+        """Head k's sampling distribution `(R, V)` with its copy candidate mixed in (`copying.mix_copy`)."""
+        if copy is None:
+            return probs
+        gate = torch.sigmoid(self.heads.copy_gate_logits(hidden, self.trunk, copy, k=k))[:, None]  # 0 without one
+        mixed = probs * (1 - gate)
+        return mixed.scatter_add(1, copy.clamp(min=0)[:, None], gate * (copy >= 0)[:, None].to(gate.dtype))
 
     def _verify(self, tokens: torch.Tensor, tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward pass over the node tokens with the KV cache; returns logits and trunk outputs `(R, N, .)`."""
