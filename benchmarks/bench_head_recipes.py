@@ -21,8 +21,8 @@ how held-out agreement grows with data), `nosource` (the distilled answers only,
 without the source windows), `fl<i>+<j>...` (`MTPConfig.feature_layers`: the heads also read the outputs of trunk
 layers i, j, ..., fused into the trunk output; e.g. `fl2+15`), `copy<n>` (`MTPConfig.copy_ngram`: heads that copy the
 token after the previous occurrence of the last n tokens, weighed by a learned gate; the table then gives the heads'
-agreement alone and, after "copy:", with their candidates mixed in). Unset parts take the first recipe's defaults: K=2, v2048,
-lr 1e-3, feat 0, float32, batches of 8 rows, all the data. All heads are `sequential` (`--head_type` to change).
+agreement alone and, after "copy:", with their candidates mixed in). Unset parts take the first recipe's defaults:
+K=2, v2048, lr 1e-3, feat 0, float32, batches of 8 rows, all the data. All heads are `sequential` (`--head_type` to change).
 The training data is cached with the trunk under bf16 autocast where the main job would use it (`--cache_dtype`);
 the held-out prompts always in float32, as they are evaluated.
 

@@ -38,7 +38,8 @@ def brute_force_candidates(ids: torch.Tensor, num_heads: int, ngram: int, sequen
             for k in range(1, num_heads + 1):
                 last = t + (k if sequential else 1)
                 offset = t + 1 + k - last
-                if last >= length or last - ngram + 1 < 0 or not all(real(b, i) for i in range(last - ngram + 1, last + 1)):
+                first = last - ngram + 1
+                if last >= length or first < 0 or not all(real(b, i) for i in range(first, last + 1)):
                     continue
                 for j in range(last - 1, ngram - 2, -1):
                     if j + offset > last or not (all(real(b, i) for i in range(j - ngram + 1, j + 1))

@@ -381,10 +381,10 @@ def test_packed_training_passes_position_ids_to_the_heads(tmp_path, padding_free
     model = get_peft_model(make_model("llama"), MTPConfig(num_heads=2, head_type="sequential"))
     original = model.base_model.compute_mtp_loss
 
-    def spy(head_hidden, labels, position_ids=None, trunk_hidden=None):
+    def spy(head_hidden, labels, position_ids=None, **kwargs):
         seen["position_ids"] = position_ids
         seen["labels"] = labels
-        return original(head_hidden, labels, position_ids, trunk_hidden=trunk_hidden)
+        return original(head_hidden, labels, position_ids, **kwargs)
 
     model.base_model.compute_mtp_loss = spy
     overrides = dict(packing=True, max_length=48) if not padding_free else dict(padding_free=True, max_length=None)
@@ -456,8 +456,8 @@ def test_conversational_prompt_completion_masks_the_prompt_for_heads(tmp_path):
     model = get_peft_model(make_model("llama"), MTPConfig(num_heads=2))
     original = model.base_model.compute_mtp_loss
 
-    def spy(head_hidden, labels, position_ids=None, trunk_hidden=None):
-        result = original(head_hidden, labels, position_ids, trunk_hidden=trunk_hidden)
+    def spy(head_hidden, labels, position_ids=None, **kwargs):
+        result = original(head_hidden, labels, position_ids, **kwargs)
         seen.append((labels, result.head_counts))
         return result
 
