@@ -108,12 +108,17 @@ def copy_candidates(input_ids: torch.Tensor, num_heads: int, ngram: int, sequent
     batch, length = input_ids.shape
     valid = None if attention_mask is None else attention_mask.bool()
     t = torch.arange(length, device=input_ids.device)[None].expand(batch, -1)
+    if sequential:
+        # Every depth copies the token after its last known one (offset 1): depth k at t is depth 1 at t+k-1,
+        # so one match per position serves all depths, shifted.
+        match = latest_match(input_ids, t, ngram, 1, valid)
+        token = torch.where(match >= 0, input_ids.gather(1, (match + 1).clamp(0, length - 1)), NO_CANDIDATE)
+        padded = torch.cat([token, token.new_full((batch, num_heads), NO_CANDIDATE)], dim=1)
+        return torch.stack([padded[:, k:k + length] for k in range(1, num_heads + 1)], dim=2)
     columns = []
-    for k in range(1, num_heads + 1):
-        known = k if sequential else 1
-        offset = 1 + k - known
-        match = latest_match(input_ids, t + known, ngram, offset, valid)
-        token = input_ids.gather(1, (match + offset).clamp(0, length - 1))
+    for k in range(1, num_heads + 1):  # parallel heads all know tokens up to t+1; head k copies k tokens on
+        match = latest_match(input_ids, t + 1, ngram, k, valid)
+        token = input_ids.gather(1, (match + k).clamp(0, length - 1))
         columns.append(torch.where(match >= 0, token, NO_CANDIDATE))
     return torch.stack(columns, dim=2)
 

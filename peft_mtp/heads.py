@@ -629,9 +629,14 @@ class MTPHeadStack(nn.Module):
         return mixture_topk(slot_logits, candidates, gates, k, token_ids=self.token_ids if self.draft_vocab else None,
                             to_slots=to_slots)
 
-    def copy_log_probs(self, head_hidden: torch.Tensor, trunk: Trunk, candidates: torch.Tensor) -> torch.Tensor:
-        """`(..., K, V)` log-probabilities of each head's drafts with its copy candidate mixed in (`mix_copy`)."""
-        log_probs = torch.log_softmax(self.logits(head_hidden, trunk).float(), dim=-1)
+    def copy_log_probs(self, head_hidden: torch.Tensor, trunk: Trunk, candidates: torch.Tensor,
+                       logits: torch.Tensor | None = None) -> torch.Tensor:
+        """`(..., K, V)` log-probabilities of each head's drafts with its copy candidate mixed in (`mix_copy`).
+
+        `logits`: the heads' `logits(head_hidden, trunk)` when already computed (they are not computed again).
+        """
+        logits = self.logits(head_hidden, trunk) if logits is None else logits
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
         return mix_copy(log_probs, candidates, self.copy_gate_logits(head_hidden, trunk, candidates))
 
     def full_vocab_logits(self, draft_logits: torch.Tensor) -> torch.Tensor:

@@ -278,7 +278,8 @@ class MTPModel(BaseTuner):
                 # What the heads draft: their distributions with the copy candidates mixed in (log-probabilities).
                 extra["mtp_head_logits"] = extra["mtp_logits"]
                 candidates = _keep_positions(self._copy_candidates(input_ids, context.attention_mask), keep)
-                extra["mtp_logits"] = heads.copy_log_probs(kept, self.get_trunk(), candidates)
+                extra["mtp_logits"] = heads.copy_log_probs(kept, self.get_trunk(), candidates,
+                                                           logits=extra["mtp_head_logits"])
         if labels is not None:
             result = self.compute_mtp_loss(head_hidden, labels, kwargs.get("position_ids"),
                                            trunk_hidden=captured.hidden, input_ids=input_ids,

@@ -24,7 +24,7 @@ from transformers import DynamicCache
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from ..copying import next_copy_candidate
+from ..copying import mix_copy, next_copy_candidate
 from ..fast_linear import fast_small_row_linear
 from .acceptance import sample, speculative_sample_chain
 from .drafter import HeadDrafter
@@ -434,9 +434,8 @@ class SpeculativeDecoder:
         """Head k's sampling distribution `(R, V)` with its copy candidate mixed in (`copying.mix_copy`)."""
         if copy is None:
             return probs
-        gate = torch.sigmoid(self.heads.copy_gate_logits(hidden, self.trunk, copy, k=k))[:, None]  # 0 without one
-        mixed = probs * (1 - gate)
-        return mixed.scatter_add(1, copy.clamp(min=0)[:, None], gate * (copy >= 0)[:, None].to(gate.dtype))
+        gates = self.heads.copy_gate_logits(hidden, self.trunk, copy, k=k)
+        return mix_copy(probs.log(), copy, gates).exp()
 
     def _verify(self, tokens: torch.Tensor, tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward pass over the node tokens with the KV cache; returns logits and trunk outputs `(R, N, .)`."""
