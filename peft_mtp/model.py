@@ -349,8 +349,8 @@ class MTPModel(BaseTuner):
     def _copy_candidates(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if input_ids is None:
             raise ValueError(
-                f"These heads copy (`copy_ngram`={self.active_config().copy_ngram}) and need `input_ids` to find their "
-                "candidates; pass `input_ids` instead of `inputs_embeds`."
+                f"These heads copy (`copy_ngram`={self.active_config().copy_ngram}) and need `input_ids` to find "
+                "their candidates; pass `input_ids` instead of `inputs_embeds`."
             )
         return self.active_heads().copy_candidates(input_ids, attention_mask)
 
