@@ -154,3 +154,36 @@ def test_depth_controller_measures_the_shallower_depth_and_keeps_it_when_it_is_f
                           seconds=1.0 + 0.3 * depth)
     assert 0 in chosen[2:] and 2 in chosen[2:]  # both neighbours stay measured (steps 1-2 always use the deepest)
     assert chosen[-100:].count(1) >= 80
+
+
+def _run_controller(step_seconds: list[float], acceptance: list[float], steps: int = 400) -> list[int]:
+    """Depths a controller chooses when a step at depth d takes `step_seconds[d]` and draft k+1 is accepted with
+    chance `acceptance[k]` once drafts 1..k were."""
+    controller = DepthController(max_depth=len(acceptance), fixed=None, probe_every=8)
+    generator = torch.Generator().manual_seed(1)
+    chosen = []
+    for _ in range(steps):
+        depth = controller.choose()
+        chosen.append(depth)
+        right = (torch.rand(depth, generator=generator) < torch.tensor(acceptance[:depth])).tolist()
+        accepted = next((k for k, ok in enumerate(right) if not ok), depth)
+        controller.record(depth, [accepted], seconds=step_seconds[depth])
+    return chosen
+
+
+def test_depth_controller_measures_the_baseline_and_stops_drafting_where_drafts_do_not_pay():
+    # A CPU batch of 8: a step without drafts takes 100 ms, drafting steps 220-235 ms (ad hoc measurement on
+    # SmolLM2-135M); 1.6 tokens at 220 ms lose to 1 token at 100 ms. A line through the drafting depths alone
+    # puts depth 0 near 205 ms and would keep drafting.
+    chosen = _run_controller([0.100, 0.220, 0.235], [0.6, 0.5])
+    assert chosen[2] == 0  # measured on the third step, after both heads
+    assert chosen[-200:].count(0) >= 170
+    # Probes that confirm depth 0 space out (8, 16, 32, 64, 64... steps): 8 in 400 steps, not one every 8 steps.
+    assert sum(depth > 0 for depth in chosen[3:]) <= 10
+
+
+def test_depth_controller_spends_no_steps_on_the_baseline_where_drafts_win_by_far():
+    # A single row: drafting steps cost little more than plain ones and drafts are mostly right.
+    chosen = _run_controller([0.060, 0.066, 0.072], [0.8, 0.8])
+    assert chosen.count(0) == 1  # the one measurement of step 3
+    assert chosen[-200:].count(2) >= 170

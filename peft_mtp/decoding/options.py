@@ -203,21 +203,35 @@ class DepthController:
 
     The automatic mode keeps, per depth d, the chance r_d that draft d is accepted given that drafts
     1..d-1 were (decayed counts, so it follows the text as it changes), and the measured time of a
-    step at each depth used (an exponential average). Depths not measured yet are extrapolated from
-    the ones that were, assuming a step grows linearly with the tokens it verifies per row (a tree
-    cut at depth d verifies `sizes[d]` of them). It picks argmax_d E[tokens | d] / time(d), with
-    E[tokens | d] = 1 + sum_{k<=d} prod_{j<=k} r_j. Every `probe_every` steps it tries a neighbour of
-    the best depth, one deeper and one shallower in turn, so that both keep being measured: a depth
-    whose time is only extrapolated can otherwise never win (on a CPU, where a verified token costs
-    more than the prior says, a chain started at depth 2 stayed there while depth 1 was faster).
+    step at each depth used (an exponential average). It picks argmax_d E[tokens | d] / time(d), with
+    E[tokens | d] = 1 + sum_{k<=d} prod_{j<=k} r_j.
+
+    What it measures: the first two steps draft at the deepest depth (every head's acceptance), the
+    third drafts nothing (depth 0, the baseline); every `probe_every` steps it tries a neighbour of the
+    best depth, one deeper and one shallower in turn (twice as long after each probe that leaves the
+    best depth where it was, up to `MAX_PROBE_INTERVAL`), and every `4 * probe_every` steps it re-measures
+    depth 0 while depth 0 is within reach of the best (a rate at least `BASELINE_REACH` of it). Depths
+    not measured yet are extrapolated from the drafting depths that were, assuming a step grows
+    linearly with the tokens it verifies per row (a tree cut at depth d verifies `sizes[d]` of them).
+    Depth 0 is measured, never extrapolated: it runs no head and verifies one token per row, so on a
+    CPU batch of 8 its step took 100 ms where drafting steps took 220-235 ms, far below any line
+    through the drafting depths (which put it at ~200 ms and kept a batch at depth 1-2, 0.82x plain).
 
     Args:
         max_depth: deepest drafts allowed.
         fixed: a fixed depth, or None for the automatic mode.
         sizes: tokens verified per row at each depth 0..max_depth (default: depth + 1, a chain).
-        probe_every: steps between probes of a neighbouring depth (automatic mode).
+        probe_every: steps before the first probe of a neighbouring depth, and after the best depth
+            changes (automatic mode).
         decay: weight kept by past counts at each step (automatic mode).
     """
+
+    # Depth 0 is re-measured while its rate is at least this share of the best depth's: where drafting wins by
+    # far (a single row on a CPU) a step without drafts would only cost tokens.
+    BASELINE_REACH = 0.8
+    # Longest wait between two probes: each probe that confirms the best depth doubles the wait, up to this (a
+    # probe of a losing depth costs a step: at a CPU batch of 8, probing depth 1 every 8 steps cost ~6%).
+    MAX_PROBE_INTERVAL = 64
 
     # Prior cost of one more verified token, as a share of a one-token step, until two depths are
     # measured (CPU measurement on SmolLM2-135M: ~10% per token up to 5 tokens; GPUs are cheaper).
@@ -237,6 +251,8 @@ class DepthController:
         self.steps = 0
         self.probes = 0
         self.best = max_depth
+        self.interval = probe_every  # steps from one probe to the next
+        self.next_probe: int | None = None
 
     def choose(self) -> int:
         """The depth to draft at this step."""
@@ -245,8 +261,19 @@ class DepthController:
         self.steps += 1
         if self.steps <= 2 or not self.times:
             return self.max_depth  # measure every head first
-        self.best = max(range(self.max_depth + 1), key=self._rate)
-        if self.steps % self.probe_every == 0:
+        if 0 not in self.times:
+            return 0  # then the baseline: no drafts
+        best = max(range(self.max_depth + 1), key=self._rate)
+        if best != self.best or self.next_probe is None:
+            self.interval, self.next_probe = self.probe_every, self.steps + self.probe_every
+        self.best = best
+        if (best > 0 and self.steps % (4 * self.probe_every) == 0
+                and self._rate(0) >= self.BASELINE_REACH * self._rate(best)):
+            return 0
+        if self.steps >= self.next_probe:
+            # A probe that leaves the best depth where it was doubles the wait for the next one.
+            self.interval = min(2 * self.interval, self.MAX_PROBE_INTERVAL)
+            self.next_probe = self.steps + self.interval
             self.probes += 1
             neighbours = [d for d in (self.best + 1, self.best - 1) if 0 <= d <= self.max_depth]
             if neighbours:
@@ -278,7 +305,8 @@ class DepthController:
     def _time(self, depth: int) -> float:
         if depth in self.times:
             return self.times[depth]
-        known = sorted(self.times)
+        # Lines run through drafting depths where two are measured: a step without drafts is not on them.
+        known = sorted(d for d in self.times if d > 0) or sorted(self.times)
         size = self.sizes[depth]
         if len(known) >= 2:
             (s0, t0), (s1, t1) = ((self.sizes[known[0]], self.times[known[0]]),
