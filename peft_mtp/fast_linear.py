@@ -364,10 +364,12 @@ def fast_small_row_linear(model: nn.Module, choice: KernelChoice = DEFAULT_CHOIC
     """
     group = _switched_linears(model)
     PACKED_WEIGHTS.refresh([m.weight for m in group.modules])  # weights edited since the last block repack
-    for module in group.modules:
+    # A nested block switches (and later restores) only what no enclosing block switched already.
+    switched = [module for module in group.modules if "forward" not in vars(module)]
+    for module in switched:
         module.forward = lambda x, module=module: fast_forward(module, x, group, choice)
     try:
         yield
     finally:
-        for module in group.modules:
+        for module in switched:
             del module.forward

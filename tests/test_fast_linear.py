@@ -160,3 +160,13 @@ def test_weights_too_large_for_free_memory_are_not_packed(monkeypatch):
     assert not measured and not PACKED_WEIGHTS.holds(model[0].weight)
     monkeypatch.setattr(fast_linear, "available_memory_bytes", lambda: None)  # unknown: allowed
     assert fast_linear.packing_fits([model[0].weight])
+
+
+def test_a_nested_block_leaves_the_outer_blocks_switch_in_place():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    with fast_small_row_linear(model):
+        outer = model[0].forward
+        with fast_small_row_linear(model):
+            assert model[0].forward is outer
+        assert model[0].forward is outer  # still switched: `generate` enters its own block inside a caller's
+    assert "forward" not in vars(model[0]) and "forward" not in vars(model[1])
