@@ -182,7 +182,7 @@ def test_depth_controller_measures_the_baseline_and_stops_drafting_where_drafts_
     assert sum(depth > 0 for depth in chosen[3:]) <= 10
 
 
-def test_depth_controller_spends_no_steps_on_the_baseline_where_drafts_win_by_far():
+def test_depth_controller_spends_one_step_on_the_baseline_where_drafts_win_by_far():
     # A single row: drafting steps cost little more than plain ones and drafts are mostly right.
     chosen = _run_controller([0.060, 0.066, 0.072], [0.8, 0.8])
     assert chosen.count(0) == 1  # the one measurement of step 3

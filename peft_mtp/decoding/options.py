@@ -215,7 +215,7 @@ class DepthController:
     linearly with the tokens it verifies per row (a tree cut at depth d verifies `sizes[d]` of them).
     Depth 0 is measured, never extrapolated: it runs no head and verifies one token per row, so on a
     CPU batch of 8 its step took 100 ms where drafting steps took 220-235 ms, far below any line
-    through the drafting depths (which put it at ~200 ms and kept a batch at depth 1-2, 0.82x plain).
+    through the drafting depths (which put it at ~205 ms and kept a batch at depth 1-2, 0.82x plain).
 
     Args:
         max_depth: deepest drafts allowed.
