@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fast_linear
 from .alignment import future_tokens
 from .config import MTPConfig
 from .copying import CopyGate, copy_candidates, mix_copy, mixture_topk
@@ -544,7 +545,7 @@ class MTPHeadStack(nn.Module):
             return trunk.logits(hidden, unembedding)
         linear = unembedding or trunk.unembedding
         weight, bias = self.draft_unembedding(linear.weight, getattr(linear, "bias", None))
-        return trunk.transform_logits(F.linear(trunk.final_norm(hidden), weight, bias))
+        return trunk.transform_logits(fast_linear.linear(trunk.final_norm(hidden), weight, bias))
 
     def draft_unembedding(self, weight: torch.Tensor, bias: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -170,3 +170,40 @@ def test_a_nested_block_leaves_the_outer_blocks_switch_in_place():
             assert model[0].forward is outer
         assert model[0].forward is outer  # still switched: `generate` enters its own block inside a caller's
     assert "forward" not in vars(model[0]) and "forward" not in vars(model[1])
+
+
+def test_linear_on_a_bare_weight_uses_the_open_blocks_measurements(monkeypatch):
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8))
+    other = nn.Linear(8, 4)
+    weight, bias = torch.randn(5, 8), torch.randn(5)  # rows gathered from an unembedding: not an nn.Linear
+    x = torch.randn(2, 3, 8)
+    expected = F.linear(x, weight, bias)
+    choice = KernelChoice(repeats=1)
+    chosen = []
+    original = KernelChoice.kernel
+
+    def recording(self, flat, group):
+        chosen.append((flat.shape[0], group))
+        return original(self, flat, group)
+
+    monkeypatch.setattr(KernelChoice, "kernel", recording)
+    with torch.no_grad():
+        torch.testing.assert_close(fast_linear.linear(x, weight, bias), expected)  # no block open: F.linear
+        assert not chosen
+        with fast_small_row_linear(model, choice):
+            torch.testing.assert_close(fast_linear.linear(x, weight, bias), expected)
+            assert chosen[-1][0] == 6 and chosen[-1][1].modules == list(model)  # 6 rows, the model's measurements
+            with fast_small_row_linear(model, choice):  # nested over the same model: still the model's layers
+                fast_linear.linear(x, weight, bias)
+                assert chosen[-1][1].modules == list(model)
+            with fast_small_row_linear(other, choice):  # another model's block: its own layers
+                fast_linear.linear(x, weight, bias)
+                assert chosen[-1][1].modules == [other]
+            fast_linear.linear(x, weight, bias)
+            assert chosen[-1][1].modules == list(model)
+        count = len(chosen)
+        fast_linear.linear(x, weight, bias)
+        assert len(chosen) == count  # closed again
+    with fast_small_row_linear(model, choice):
+        out = fast_linear.linear(x, weight.requires_grad_(), bias)  # autograd: F.linear, gradients flow
+        assert out.requires_grad and len(chosen) == count
