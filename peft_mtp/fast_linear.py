@@ -21,6 +21,9 @@ made a 3-token verify pass 25% slower than stock. Above `EXACT_ROWS`, row counts
 power-of-two bucket (17-32, 33-64). A process measures at most 18 times (about a second each on
 SmolLM2-135M); `measure_kernels` measures them all up front (benchmarks do, before timing).
 
+Products over weights that are not `nn.Linear` modules (the rows of the unembedding that score the heads'
+draft vocabulary) go through `linear`, which uses the choice of the innermost open block.
+
 Every candidate computes the same product (`x @ W.T + b`); they differ only in float rounding order,
 so results agree to float tolerance, not bit for bit. Plain decoding speeds up too: benchmarks run plain
 and speculative decoding both inside `fast_small_row_linear`, so the gain counts for the baseline as well.
