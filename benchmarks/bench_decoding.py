@@ -200,7 +200,10 @@ def main(args: argparse.Namespace) -> dict:
             warm = tokenizer(groups[0], return_tensors="pt", padding=True)
             for model in {id(m): m for m in [plain_model, *models.values()]}.values():
                 if not args.no_fast_linear:
-                    measure_kernels(model)  # every row bucket, once per process: a timed run measures none
+                    # Every row bucket, once per process: a timed run measures none. Printed because the choice is
+                    # itself a measurement: a busy machine can pick a slower kernel for a bucket (a 1-row step then
+                    # costs more than a 2-row one), which moves every ratio of the run.
+                    print("kernel per row bucket:", measure_kernels(model), flush=True)
                 with fast(model):  # warm-up: allocator, first-call costs
                     model.generate(**warm, **{**gen, "max_new_tokens": 8}, mtp_speculate=False)
                     model.generate(**warm, **{**gen, "max_new_tokens": 8},
