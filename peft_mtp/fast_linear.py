@@ -310,8 +310,14 @@ _OPEN_BLOCKS: list[tuple[LinearGroup, KernelChoice]] = []
 def fast_forward(module: nn.Linear, x: torch.Tensor, group: LinearGroup,
                  choice: KernelChoice = DEFAULT_CHOICE) -> torch.Tensor:
     """`module(x)` through the kernel `choice` found fastest for x's row count over `group`."""
+    return _through_kernel(x, module.weight, module.bias, group, choice)
+
+
+def _through_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: LinearGroup,
+                    choice: KernelChoice) -> torch.Tensor:
+    # `choice.kernel` itself falls back to F.linear with autograd, off the CPU and for many rows.
     flat = x.reshape(-1, x.shape[-1])
-    out = choice.kernel(flat, group)(flat, module.weight, module.bias)
+    out = choice.kernel(flat, group)(flat, weight, bias)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -332,11 +338,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         `(..., out)`.
     """
     if not _OPEN_BLOCKS or x.device.type != "cpu" or torch.is_grad_enabled():
-        return F.linear(x, weight, bias)
-    group, choice = _OPEN_BLOCKS[-1]
-    flat = x.reshape(-1, x.shape[-1])
-    out = choice.kernel(flat, group)(flat, weight, bias)
-    return out.view(*x.shape[:-1], out.shape[-1])
+        return F.linear(x, weight, bias)  # training reads no kernel table
+    return _through_kernel(x, weight, bias, *_OPEN_BLOCKS[-1])
 
 
 def _switched_linears(model: nn.Module) -> LinearGroup:

@@ -13,7 +13,7 @@ from test_warmup import _batches
 from testing_common import one_torch_thread  # noqa: F401  (fixture)
 from tiny_models import VOCAB_SIZE, make_model
 
-from peft_mtp import HEAD_TYPES, MTPConfig, fit_draft_vocabulary, head_targets
+from peft_mtp import HEAD_TYPES, MTPConfig, fast_linear, fit_draft_vocabulary, head_targets
 from peft_mtp.alignment import IGNORE_INDEX
 from peft_mtp.decoding.loop import SpeculativeDecoder
 from peft_mtp.draft_vocab import DraftVocabulary, count_tokens
@@ -194,6 +194,28 @@ def test_decoding_is_exact_and_drafts_only_draft_tokens(head_type, tree, monkeyp
     assert torch.equal(plain, ours.sequences)
     drafted = torch.cat(drafted)
     assert drafted.numel() and torch.isin(drafted, vocabulary.token_ids).all()
+
+
+def test_decoding_scores_the_draft_vocabulary_through_the_measured_small_row_kernel(monkeypatch):
+    # The rows gathered from the unembedding are a bare tensor that `fast_small_row_linear` cannot switch;
+    # `fast_linear.linear` gives them the open block's kernel choice (at one row F.linear was several times slower).
+    model = heads_model("sequential", num_heads=2, draft_vocab_size=DRAFT_SIZE, noise=0.0)
+    model.base_model.active_heads().draft_vocab.fit(torch.rand(VOCAB_SIZE, generator=torch.Generator().manual_seed(0)))
+    scored = []  # (rows, a block was open) of every product over the draft vocabulary's rows
+    original = fast_linear.linear
+
+    def recording(x, weight, bias=None):
+        if weight.shape[0] == DRAFT_SIZE:
+            scored.append((x.reshape(-1, x.shape[-1]).shape[0], bool(fast_linear._OPEN_BLOCKS)))
+        return original(x, weight, bias)
+
+    monkeypatch.setattr(fast_linear, "linear", recording)
+    ids, mask = padded_batch([5, 8], seed=2)
+    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD)
+    plain = model.generate(**common, mtp_speculate=False)
+    assert torch.equal(model.generate(**common, mtp_depth=2), plain)
+    assert scored and all(open_block for _, open_block in scored)  # every draft step, inside generate's block
+    assert min(rows for rows, _ in scored) <= 2  # the small row counts this is for
 
 
 def test_heads_that_cannot_draft_the_model_s_tokens_accept_nothing_and_stay_exact():
