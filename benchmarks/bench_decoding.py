@@ -19,7 +19,8 @@ other outputs are compared with):
   row is left); `<heads>:tree+lookup10`: up to 10 at every step, batches included (`mtp_lookup=10`);
   `<heads>:chain+lookup+corpus` and `<heads>:tree+lookup+corpus`: corpus drafts where the prompt lookup finds
   nothing (`mtp_lookup_corpus`, the `ngram_corpus.safetensors` that the main job saves beside its heads). `<heads>` is every `--heads PATH` (a saved MTP
-  adapter), plus `oracle` with `--oracle`: the heads run as usual but their tokens are replaced by the
+  adapter, labelled by its folder name, with parent folders added where two share one, as the main job's
+  `.../heads-<key>/final` do), plus `oracle` with `--oracle`: the heads run as usual but their tokens are replaced by the
   model's own greedy continuation, i.e. 100% acceptance: the ceiling of the decoding machinery for
   these heads' cost. `--untrained TYPE` adds fresh heads of that type (drafts mostly rejected: the
   overhead floor).
@@ -158,6 +159,31 @@ def timed(fn):
     return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
+def adapter_labels(paths: list[str]) -> list[str]:
+    """A distinct, short label for each `--heads` folder: its name, with parent folders added until unique.
+
+    The main job saves every run's heads as `.../heads-<type>-k<K>-<key>/final`, so the folder name alone would
+    merge two runs into one row (the second silently replacing the first).
+
+    Args:
+        paths: adapter folders, as given.
+
+    Returns:
+        One label per path, in order.
+    """
+    parts = [Path(path).resolve().parts for path in paths]
+    for index, path_parts in enumerate(parts):
+        if path_parts in parts[:index]:
+            raise SystemExit(f"--heads lists {paths[index]} twice; give each adapter once.")
+    labels = []
+    for path_parts in parts:
+        depth = 1
+        while any(other != path_parts and other[-depth:] == path_parts[-depth:] for other in parts):
+            depth += 1
+        labels.append("/".join(path_parts[-depth:]))
+    return labels
+
+
 def main(args: argparse.Namespace) -> dict:
     from peft import PeftModel, get_peft_model
 
@@ -170,14 +196,14 @@ def main(args: argparse.Namespace) -> dict:
     base, tokenizer = load_model(args.model)
     models = {}  # name -> PeftModel with MTP heads
     corpora = {}  # name -> NgramCorpus saved beside the heads (the main job writes one)
-    for path in args.heads:
-        models[Path(path).name] = PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
+    for path, label in zip(args.heads, adapter_labels(args.heads)):
+        models[label] = PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
         if any(shape.endswith("+corpus") for shape in args.shapes):
             corpus_file = Path(path) / "ngram_corpus.safetensors"
             if not corpus_file.exists():
                 raise SystemExit(f"--shapes ...+corpus needs {corpus_file} (the main job saves one beside its heads; "
                                  "or build one with peft_mtp.decoding.NgramCorpus and save it there).")
-            corpora[Path(path).name] = NgramCorpus.load(corpus_file)
+            corpora[label] = NgramCorpus.load(corpus_file)
     for head_type in args.untrained:
         models[f"untrained-{head_type}"] = get_peft_model(copy.deepcopy(base), MTPConfig(
             num_heads=args.num_heads, head_type=head_type)).eval()
@@ -302,13 +328,14 @@ def summarize(results: dict) -> dict:
 
 def print_table(workload: str, batch_size: int, summary: dict) -> None:
     print(f"\n{workload}, batch {batch_size}")
-    print(f"{'method':28s} {'tok/s':>7s} {'x plain':>8s} {'tok/cpu-s':>9s} {'x plain':>8s}  same  tok/step  "
+    width = max(28, *(len(method) for method in summary))  # adapter labels can be long: keep the columns aligned
+    print(f"{'method':{width}s} {'tok/s':>7s} {'x plain':>8s} {'tok/cpu-s':>9s} {'x plain':>8s}  same  tok/step  "
           "acceptance per head")
     for method, entry in summary.items():
         if "error" in entry:
-            print(f"{method:28s} {entry['error']}")
+            print(f"{method:{width}s} {entry['error']}")
             continue
-        print(f"{method:28s} {entry['tokens_per_s']:7.2f} {entry['speedup_wall']:8.2f} {entry['tokens_per_cpu_s']:9.2f} "
+        print(f"{method:{width}s} {entry['tokens_per_s']:7.2f} {entry['speedup_wall']:8.2f} {entry['tokens_per_cpu_s']:9.2f} "
               f"{entry['speedup_cpu']:8.2f}  {'yes' if entry['same_as_plain'] else 'NO':4s}  "
               f"{entry['tokens_per_step'] if 'tokens_per_step' in entry else float('nan'):8.2f}  "
               f"{entry.get('head_acceptance', '')}")
