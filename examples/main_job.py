@@ -9,6 +9,8 @@ Run from the repository root (README command (a) installs everything first):
     python3 examples/main_job.py                                   # the whole job, ~30 min on 2 CPU cores
     python3 examples/main_job.py --head_type ffn --num_heads 3     # another head type (its own caches)
     python3 examples/main_job.py --time_budget_min 12 --num_train_prompts 96   # a quicker, weaker run
+    python3 examples/main_job.py --time_budget_min 75 --num_model_requests 320 --num_train_prompts 1675
+                                                                   # better chat heads, ~60 min (run 21)
     python3 examples/main_job.py --model /path/to/hf_model_folder  # another causal LM with a chat template
 
 Stages (each one resumes: its results are cached under `--work_dir`, in folders keyed by the settings
