@@ -13,8 +13,6 @@ predicts exactly what the model's own next-token head predicts.
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +26,7 @@ from .alignment import future_tokens
 from .config import MTPConfig
 from .copying import CopyGate, copy_candidates, mix_copy, mixture_topk
 from .draft_vocab import DraftVocabulary
-from .trunk import Trunk, call_layer
+from .trunk import Trunk, cache_argument_name, call_layer
 
 
 @dataclass
@@ -659,15 +657,7 @@ class MTPHeadStack(nn.Module):
 
 def _cache_kwargs(layer: nn.Module, cache: HeadCache) -> dict[str, Any]:
     """Pass `cache` to a transformers decoder layer under the name its forward uses (`cache` in most 5.x models)."""
-    return {_cache_argument_name(type(layer)): cache, "use_cache": True}
-
-
-@functools.cache
-def _cache_argument_name(layer_class: type) -> str:
-    # Read once per class: this runs at every draft depth of every decoding step, and `inspect.signature` alone
-    # cost ~0.1 ms a call there.
-    parameters = inspect.signature(layer_class.forward).parameters
-    return next((n for n in ("cache", "past_key_values", "past_key_value", "layer_past") if n in parameters), "cache")
+    return {cache_argument_name(layer): cache, "use_cache": True}
 
 
 def _build_head(config: MTPConfig, trunk: Trunk) -> nn.Module:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 from ..heads import HeadCache, HeadStep, MTPHeadStack
-from ..trunk import Trunk
+from ..trunk import Trunk, layer_signature
 from .layout import (
     additive_mask,
     apply_keep,
@@ -66,7 +66,6 @@ class HeadDrafter:
         self.pending: list[torch.Tensor | None] = [None] * self.num_heads  # (B, L, H), front-aligned
         self.pending_len: list[torch.Tensor | None] = [None] * self.num_heads  # (B,)
         self._rotary = getattr(trunk.decoder, "rotary_emb", None)
-        self._layer_parameters: dict | None = None  # the head layers' forward signature, read once
 
     # ------------------------------------------------------------------------------------------
     # Trunk positions arrive
@@ -245,9 +244,7 @@ class HeadDrafter:
         """Arguments for decoder layers of the base model's class over new positions."""
         dtype = self.trunk.unembedding.weight.dtype
         layer = self.heads.heads[0].layers[0]
-        if self._layer_parameters is None:
-            self._layer_parameters = dict(inspect.signature(layer.forward).parameters)
-        parameters = self._layer_parameters
+        parameters = layer_signature(layer).parameters
         kwargs = {"attention_mask": additive_mask(mask, dtype), "position_ids": positions}
         if "position_embeddings" in parameters:
             if self._rotary is None:
