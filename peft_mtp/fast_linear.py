@@ -303,6 +303,9 @@ class LinearGroup:
 
 DEFAULT_CHOICE = KernelChoice()
 
+# Set on the `forward` a `fast_small_row_linear` block installs, so that `measure_kernels` knows the layer is one of ours.
+_SWITCHED_MARK = "_peft_mtp_fast_linear"
+
 # The (group, choice) of each open `fast_small_row_linear` block, innermost last: `linear` reads the innermost.
 _OPEN_BLOCKS: list[tuple[LinearGroup, KernelChoice]] = []
 
@@ -342,9 +345,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _through_kernel(x, weight, bias, *_OPEN_BLOCKS[-1])
 
 
-def _switched_linears(model: nn.Module) -> LinearGroup:
-    """The `nn.Linear` layers of `model` that `fast_small_row_linear` switches (all of them, not yet switched)."""
-    return LinearGroup(m for m in model.modules() if type(m) is nn.Linear and "forward" not in m.__dict__)
+def _switched_linears(model: nn.Module, include_switched: bool = False) -> LinearGroup:
+    """The `nn.Linear` layers of `model` that `fast_small_row_linear` switches.
+
+    Args:
+        model: any module.
+        include_switched: also the layers an open `fast_small_row_linear` block has switched already (what that
+            block measures for); by default only those no block has switched yet.
+
+    Returns:
+        The layers, in module order.
+    """
+    def switchable(module: nn.Module) -> bool:
+        forward = module.__dict__.get("forward")
+        return forward is None or (include_switched and getattr(forward, _SWITCHED_MARK, False))
+
+    return LinearGroup(m for m in model.modules() if type(m) is nn.Linear and switchable(m))
 
 
 @torch.no_grad()
@@ -356,6 +372,7 @@ def measure_kernels(model: nn.Module, dtype: torch.dtype | None = None, choice: 
     that changes depth meets new buckets mid-generation (heads catching up on the positions a shallower step left
     them), and a timed generation then pays those measurements. Benchmarks call this first so that they time the
     steady state a long-running process reaches; the choice is per process, so later `generate` calls reuse it.
+    It may be called inside an open `fast_small_row_linear(model)` block: it measures for that block's layers.
 
     Args:
         model: the module whose layers `fast_small_row_linear(model)` would switch (e.g. a PeftModel).
@@ -365,7 +382,8 @@ def measure_kernels(model: nn.Module, dtype: torch.dtype | None = None, choice: 
     Returns:
         The kernel name chosen for each bucket.
     """
-    group = _switched_linears(model)
+    # Inside an open block the layers are switched already; the block measures for the same layers.
+    group = _switched_linears(model, include_switched=True)
     if not group.modules:
         return {}
     first = group.modules[0]
@@ -400,7 +418,9 @@ def fast_small_row_linear(model: nn.Module, choice: KernelChoice = DEFAULT_CHOIC
     # A nested block switches (and later restores) only what no enclosing block switched already.
     switched = [module for module in group.modules if "forward" not in vars(module)]
     for module in switched:
-        module.forward = lambda x, module=module: fast_forward(module, x, group, choice)
+        forward = functools.partial(fast_forward, module, group=group, choice=choice)
+        setattr(forward, _SWITCHED_MARK, True)
+        module.forward = forward
     # A nested block over the same model switched nothing new: `linear` keeps the enclosing block's measurements.
     _OPEN_BLOCKS.append((group, choice) if group.modules or not _OPEN_BLOCKS else _OPEN_BLOCKS[-1])
     try:

@@ -84,9 +84,10 @@ def _ours(model, ids, mask, **kwargs):
 @pytest.fixture
 def no_prompt_lookup(monkeypatch):
     """Prompt lookup that never matches, so that every lookup draft comes from the corpus."""
-    def never(sequences, starts, lengths, num_tokens, **kwargs):
+    def never(sequences, starts, lengths, num_tokens, return_ngram=False, **kwargs):
         rows = sequences.shape[0]
-        return torch.zeros(rows, num_tokens, dtype=torch.long), torch.zeros(rows, dtype=torch.long)
+        drafts, counts = torch.zeros(rows, num_tokens, dtype=torch.long), torch.zeros(rows, dtype=torch.long)
+        return (drafts, counts, counts.clone()) if return_ngram else (drafts, counts)
 
     monkeypatch.setattr(loop, "prompt_lookup", never)
 
@@ -133,19 +134,19 @@ def test_the_corpus_fills_only_rows_whose_own_text_gave_no_match(monkeypatch):
     original = loop.prompt_lookup
 
     def row_zero_matches(sequences, starts, lengths, num_tokens, **kwargs):
-        drafts, counts = original(sequences, starts, lengths, num_tokens, **kwargs)
-        drafts[:], counts[:] = 0, 0
-        drafts[0, :2], counts[0] = 9, 2  # row 0 found its own match; row 1 found none
-        return drafts, counts
+        drafts, counts, ngram = original(sequences, starts, lengths, num_tokens, **kwargs)
+        drafts[:], counts[:], ngram[:] = 0, 0, 0
+        drafts[0, :2], counts[0], ngram[0] = 9, 2, 2  # row 0 found its own match; row 1 found none
+        return drafts, counts, ngram
 
     calls = []
     original_lookup = loop.SpeculativeDecoder._lookup
 
     def record(self, *args):
-        drafts, counts = original_lookup(self, *args)
+        drafts, counts, strong = original_lookup(self, *args)
         if counts is not None:  # None: no row drafted (the last step has no room)
             calls.append((drafts.clone(), counts.clone()))
-        return drafts, counts
+        return drafts, counts, strong
 
     monkeypatch.setattr(loop, "prompt_lookup", row_zero_matches)
     monkeypatch.setattr(loop.SpeculativeDecoder, "_lookup", record)

@@ -47,6 +47,15 @@ def test_batched_matcher_agrees_with_the_obvious_loop(seed):
             assert drafts[i, counts[i] :].eq(0).all()
 
 
+def test_matcher_reports_the_length_of_each_rows_match():
+    rows = [[1, 2, 3, 7, 1, 2, 3], [1, 2, 3, 7, 5, 2, 3], [1, 2, 3, 7, 5, 6, 9]]  # a 3-gram, a 2-gram, none
+    sequences, lengths = torch.tensor(rows), torch.tensor([7, 7, 7])
+    drafts, counts, ngram = prompt_lookup(sequences, torch.zeros(3, dtype=torch.long), lengths, 2, 3, 2,
+                                          return_ngram=True)
+    assert ngram.tolist() == [3, 2, 0] and counts.tolist() == [2, 2, 0]
+    assert torch.equal(drafts, prompt_lookup(sequences, torch.zeros(3, dtype=torch.long), lengths, 2, 3, 2)[0])
+
+
 def test_matcher_prefers_the_longest_ngram_then_the_earliest_place():
     #            0  1  2  3  4  5  6  7  8  9
     row = [1, 2, 3, 7, 2, 3, 8, 9, 2, 3]  # "2 3" occurs at 1 and 4; "9 2 3" nowhere before; "3" at 2 first
@@ -135,6 +144,39 @@ def test_lookup_drafts_carry_the_step_when_the_heads_are_wrong():
     assert stats.tokens_per_step == pytest.approx(1 + stats.lookup_tokens / stats.row_steps)
     off = _ours(model, ids, mask, max_new_tokens=40, eos_token_id=None, mtp_depth=2, mtp_lookup=0).mtp_stats
     assert off.lookup_proposed == 0 and off.lookup_won == 0
+
+
+def test_a_strong_lookup_branch_is_verified_beside_the_heads_best_chain_only(monkeypatch):
+    # Beside a branch from a 3-gram match the heads' runner-up candidates are left out of the pass; beside a
+    # 2-gram one the whole tree is verified. Either way the output is plain greedy's.
+    model = heads_model("sequential", seed=6)
+    ids, mask = padded_batch([3, 8, 5], seed=6)
+    verified, original_lookup, original_verify = [], SpeculativeDecoder._lookup, SpeculativeDecoder._verify
+    strong = []
+
+    def lookup(self, *args):
+        result = original_lookup(self, *args)
+        strong.append(result[2])
+        return result
+
+    def verify(self, tokens, tree):
+        assert tokens.shape[1] == tree.num_nodes
+        verified.append((strong.pop() if strong else None, tree.depth, tree.num_nodes - tree.lookup_length,
+                         tree.lookup_length))
+        return original_verify(self, tokens, tree)
+
+    monkeypatch.setattr(SpeculativeDecoder, "_lookup", lookup)
+    monkeypatch.setattr(SpeculativeDecoder, "_verify", verify)
+    for row in range(3):
+        plain = _plain(model, ids[row:row + 1], mask[row:row + 1], max_new_tokens=40, eos_token_id=None)
+        out = _ours(model, ids[row:row + 1], mask[row:row + 1], max_new_tokens=40, eos_token_id=None, mtp_depth=2,
+                    mtp_tree=True)
+        assert torch.equal(out.sequences, plain)
+    whole_tree = {0: 1, 1: 4, 2: 6}  # nodes of the default tree of 2 sequential heads at each depth, root included
+    for is_strong, depth, head_nodes, length in verified:
+        assert head_nodes == (depth + 1 if is_strong and length else whole_tree[depth])  # a chain: root + drafts
+    kinds = {(is_strong, depth) for is_strong, depth, _, length in verified if length}
+    assert {(True, 2), (False, 2)} <= kinds  # both kinds of branch met at full depth
 
 
 def test_eos_and_max_new_tokens_inside_an_accepted_lookup_draft():

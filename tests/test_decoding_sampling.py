@@ -189,7 +189,11 @@ def test_sampling_stays_exact_when_a_lookup_draft_repeats_a_head_draft(monkeypat
             heads["tokens"] = tokens
         return tokens, probs
 
-    def lookup(sequences, starts, lengths, num_tokens, max_ngram, min_ngram):
+    def lookup(sequences, starts, lengths, num_tokens, max_ngram, min_ngram, return_ngram=False):
+        found = find(sequences, lengths, num_tokens)
+        return (*found, torch.where(found[1] > 0, 2, 0)) if return_ngram else found  # 2-token matches
+
+    def find(sequences, lengths, num_tokens):
         rows = sequences.shape[0]
         drafts, counts = torch.zeros(rows, num_tokens, dtype=torch.long), torch.zeros(rows, dtype=torch.long)
         if heads["tokens"] is None or num_tokens < 2:

@@ -77,6 +77,24 @@ def test_measure_kernels_fills_every_bucket_so_decoding_measures_nothing(monkeyp
                 torch.testing.assert_close(model(x), reference)
 
 
+def test_measure_kernels_inside_an_open_block_measures_that_blocks_layers(monkeypatch):
+    # The block has switched the layers already; measuring must still find them (it once found none and measured
+    # nothing, so the timed generation paid every bucket's measurement).
+    model = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 8))
+    choice = KernelChoice(repeats=1)
+    with torch.no_grad(), fast_small_row_linear(model, choice):
+        chosen = measure_kernels(model, choice=choice)
+        assert sorted(chosen) == [*range(1, 17), 32, 64] and len(choice.table) == 18
+
+        def no_measuring(self, group, rows, dtype):
+            raise AssertionError(f"measured {rows} rows again")
+
+        monkeypatch.setattr(KernelChoice, "_measure", no_measuring)
+        for rows in (1, 3, 16, 40):
+            model(torch.randn(rows, 8))
+    assert "forward" not in model[0].__dict__
+
+
 def test_row_buckets_are_exact_up_to_16_then_powers_of_two():
     assert [row_bucket(r) for r in (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 64)] == [1, 2, 3, 4, 5, 8, 9, 16, 32, 32, 64, 64]
 

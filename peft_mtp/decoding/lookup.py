@@ -23,7 +23,8 @@ def prompt_lookup(
     num_tokens: int,
     max_ngram: int = 3,
     min_ngram: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_ngram: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draft up to `num_tokens` tokens per row by matching the row's last n-gram earlier in the row.
 
     For n from `max_ngram` down to `min_ngram`, row r looks for the first earlier occurrence of its
@@ -38,10 +39,11 @@ def prompt_lookup(
         num_tokens: most tokens to draft per row (>= 1).
         max_ngram: longest n-gram to match.
         min_ngram: shortest n-gram to match (>= 1).
+        return_ngram: also return the n of each row's match.
 
     Returns:
         `(R, num_tokens)` drafted tokens (entries past a row's count are 0) and `(R,)` how many tokens
-        each row drafted (0: no match).
+        each row drafted (0: no match); with `return_ngram`, also `(R,)` the n of each row's match (0: none).
     """
     rows = sequences.shape[0]
     device = sequences.device
@@ -49,6 +51,7 @@ def prompt_lookup(
     sequences = sequences[:, :end]
     counts = torch.zeros(rows, dtype=torch.long, device=device)
     sources = torch.zeros(rows, dtype=torch.long, device=device)  # where each row's draft starts
+    matched = torch.zeros(rows, dtype=torch.long, device=device)  # the n of each row's match
     for n in range(max_ngram, min_ngram - 1, -1):
         if end <= n:
             continue
@@ -63,7 +66,8 @@ def prompt_lookup(
             first = match.float().argmax(dim=1)  # earliest match
             sources = torch.where(found, first + n, sources)
             counts = torch.where(found, (lengths - (first + n)).clamp(max=num_tokens), counts)
+            matched = torch.where(found, n, matched)
     offsets = torch.arange(num_tokens, device=device)[None]
     columns = (sources[:, None] + offsets).clamp(max=end - 1)
     drafts = torch.where(offsets < counts[:, None], sequences.gather(1, columns), torch.zeros_like(columns))
-    return drafts, counts
+    return (drafts, counts, matched) if return_ngram else (drafts, counts)

@@ -30,7 +30,7 @@ from .acceptance import sample, speculative_sample_chain
 from .drafter import HeadDrafter
 from .layout import additive_mask, apply_keep, chunk_attention_mask, plan_keep, select_rows
 from .lookup import prompt_lookup
-from .options import MIN_LOOKUP_NGRAM, DepthController, DraftShapes, SpeculationOptions
+from .options import MIN_LOOKUP_NGRAM, STRONG_LOOKUP_NGRAM, DepthController, DraftShapes, SpeculationOptions
 from .stats import SpeculationStats
 from .tree import DraftTree
 
@@ -246,10 +246,14 @@ class SpeculativeDecoder:
         depth = max(0, min(depth, int(draft_room.max())))  # no drafts past the last allowed token
         head_tree = self.shapes.tree(depth).to(self.rows.device)
         tokens, draft_probs = self._draft(head_tree, depth)  # (R, N) node tokens, root first
-        lookup, lookup_counts = self._lookup(tokens, head_tree, draft_room) if self._lookup_now() else (None, None)
+        lookup, lookup_counts, strong = (self._lookup(tokens, head_tree, draft_room) if self._lookup_now()
+                                         else (None, None, False))
         tree = head_tree
         if lookup_counts is not None:
-            tree = self.shapes.tree(depth, int(lookup_counts.max())).to(self.rows.device)
+            # Beside a strong branch (every row's from a long match) only the heads' best chain is verified.
+            tree = self.shapes.tree(depth, int(lookup_counts.max()), chain_only=strong).to(self.rows.device)
+            if strong:
+                tokens = tokens[:, self.shapes.chain_nodes[depth]]
             tokens = torch.cat([tokens, lookup[:, : tree.lookup_length]], dim=1)
         self.stats.draft_time_s += time.perf_counter() - tick
 
@@ -311,11 +315,13 @@ class SpeculativeDecoder:
         return self.lookup_tokens > 0 and not self.do_sample and self.rows.numel() == 1
 
     def _lookup(self, head_tokens: torch.Tensor, head_tree: DraftTree,
-                room: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Prompt-lookup drafts of the active rows `(R, L)` and their counts `(R,)`; `(None, None)` for none.
+                room: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, bool]:
+        """Prompt-lookup drafts of the active rows `(R, L)`, their counts `(R,)`, and whether the branch is strong.
 
         The match runs over each row's verified tokens and the root (the last emitted token), so the
         drafts continue after the root, as the heads' do. No row drafts past its last allowed token.
+        The branch is strong when every row's drafts come from a match of at least `STRONG_LOOKUP_NGRAM`
+        tokens of its own text. `(None, None, False)` when no row drafts.
 
         Args:
             head_tokens: `(R, N)` the heads' node tokens of this step.
@@ -324,11 +330,12 @@ class SpeculativeDecoder:
         """
         num_tokens = min(self.lookup_tokens, int(room.max()))
         if num_tokens <= 0:
-            return None, None
+            return None, None, False
         lengths = self.lengths[self.rows]
-        drafts, counts = prompt_lookup(self.sequences[:, : int(lengths.max())][self.rows], self.left_pad[self.rows],
-                                       lengths, num_tokens, max_ngram=self.options.lookup_ngram,
-                                       min_ngram=min(MIN_LOOKUP_NGRAM, self.options.lookup_ngram))
+        drafts, counts, ngram = prompt_lookup(
+            self.sequences[:, : int(lengths.max())][self.rows], self.left_pad[self.rows], lengths, num_tokens,
+            max_ngram=self.options.lookup_ngram, min_ngram=min(MIN_LOOKUP_NGRAM, self.options.lookup_ngram),
+            return_ngram=True)
         corpus = self.options.lookup_corpus
         if corpus is not None and not bool(counts.all()):
             drafts, counts = self._corpus_drafts(corpus, drafts, counts, lengths, num_tokens)
@@ -339,8 +346,8 @@ class SpeculativeDecoder:
             first = head_tokens[:, head_tree.depths == 1]  # (R, candidates of head 1)
             counts = torch.where((first == drafts[:, :1]).any(dim=1), 0, counts)
         if not bool(counts.any()):
-            return None, None
-        return drafts, counts
+            return None, None, False
+        return drafts, counts, bool(((ngram >= STRONG_LOOKUP_NGRAM) & (counts > 0)).all())
 
     def _corpus_drafts(self, corpus: NgramCorpus, drafts: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor,
                        num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
