@@ -251,8 +251,9 @@ class SpeculativeDecoder:
         tree = head_tree
         if lookup_counts is not None:
             # Beside a strong branch (every row's from a long match) only the heads' best chain is verified.
-            tree = self.shapes.tree(depth, int(lookup_counts.max()), chain_only=strong).to(self.rows.device)
-            if strong:
+            narrow = strong and not head_tree.is_chain  # a chain has no runner-ups to leave out
+            tree = self.shapes.tree(depth, int(lookup_counts.max()), chain_only=narrow).to(self.rows.device)
+            if narrow:
                 tokens = tokens[:, self.shapes.chain_nodes[depth]]
             tokens = torch.cat([tokens, lookup[:, : tree.lookup_length]], dim=1)
         self.stats.draft_time_s += time.perf_counter() - tick

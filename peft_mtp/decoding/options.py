@@ -190,17 +190,17 @@ class DraftShapes:
     """
 
     def __init__(self, paths: list[Path], max_depth: int):
-        self.trees: dict[tuple[int, int], DraftTree] = {}
-        self.chains: dict[int, DraftTree] = {}  # each depth's best chain (paths of rank 0 only)
+        self.trees: dict[int, DraftTree] = {}  # the heads' tree cut at each depth
+        self.chains: dict[int, DraftTree] = {}  # its best chain (paths of rank 0 only)
+        self.chain_nodes: dict[int, list[int]] = {}  # the chain's nodes in the tree, root first
         self._with_lookup: dict[tuple[int, int, bool], DraftTree] = {}
-        self.chain_nodes: dict[int, list[int]] = {}
         full = DraftTree.from_paths(paths, max_depth)
         self.max_depth = full.depth
         for depth in range(self.max_depth + 1):
             cut = [p for p in paths if len(p) <= depth]
-            self.trees[depth, 0] = DraftTree.from_paths(cut, max_depth)
+            self.trees[depth] = DraftTree.from_paths(cut, max_depth)
             self.chains[depth] = DraftTree.from_paths([p for p in cut if not any(p)], max_depth)
-            self.chain_nodes[depth] = [self.trees[depth, 0].paths.index(p) for p in self.chains[depth].paths]
+            self.chain_nodes[depth] = [self.trees[depth].paths.index(p) for p in self.chains[depth].paths]
         self.is_chain = full.is_chain
 
     def tree(self, depth: int, lookup: int = 0, chain_only: bool = False) -> DraftTree:
@@ -217,7 +217,7 @@ class DraftShapes:
             The `DraftTree`.
         """
         if (depth, lookup, chain_only) not in self._with_lookup:
-            heads = self.chains[depth] if chain_only else self.trees[depth, 0]
+            heads = self.chains[depth] if chain_only else self.trees[depth]
             self._with_lookup[depth, lookup, chain_only] = heads.with_lookup(lookup)
         return self._with_lookup[depth, lookup, chain_only]
 
