@@ -91,6 +91,31 @@ def test_lookup_branch_comes_after_the_head_nodes_as_a_chain_under_the_root():
     assert only_lookup.is_chain and only_lookup.depth == 0 and only_lookup.num_nodes == 5
 
 
+def test_a_lookup_branch_can_hang_from_the_heads_best_chain():
+    heads = DraftTree.from_paths(default_chain_tree_paths(2), 2)  # root, (0,), (1,), (2,), (0, 0), (0, 1)
+    tree = heads.with_lookup(3, start=1)
+    assert tree.paths[-3:] == [(0, LOOKUP), (0, LOOKUP, LOOKUP), (0, LOOKUP, LOOKUP, LOOKUP)]
+    assert tree.parents[-3:].tolist() == [1, heads.num_nodes, heads.num_nodes + 1]
+    assert tree.depths[-3:].tolist() == [2, 3, 4] and tree.max_node_depth == 4 and tree.lookup_start == 1
+    assert tree.ancestor_mask[-1].nonzero()[:, 0].tolist() == [0, 1, 6, 7, 8]  # root, (0,), then the branch
+    # A branch below the end of a chain makes a longer chain, verified with the causal mask.
+    chain = DraftTree.from_paths([(0,), (0, 0)], 2).with_lookup(2, start=2)
+    assert chain.is_chain and chain.depths.tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match=r"no node \(0,\) \(depth 1\)"):
+        DraftTree.from_paths([(1,)], 1).with_lookup(2, start=1)
+
+
+def test_a_branch_under_the_chain_counts_lookup_drafts_from_the_root():
+    tree = DraftTree.from_paths([(0,), (1,), (0, 0)], 2).with_lookup(2, start=1)
+    # nodes: root 10, (0,) 11, (1,) 12, (0, 0) 20, then the branch 12, 13 under (0,): lookup drafts 11, 12, 13
+    tokens = torch.tensor([[10, 11, 12, 20, 12, 13]] * 2)
+    choices = torch.tensor([[11, 12, 0, 0, 13, 14]] * 2)
+    node, heads, lookup = tree.accept_by_source(tokens, choices, lookup_counts=torch.tensor([3, 2]))
+    assert node.tolist() == [5, 4] and heads.tolist() == [1, 1] and lookup.tolist() == [3, 2]
+    path, keep = tree.path_to(node)
+    assert path[0].tolist() == [0, 1, 4, 5] and keep.tolist() == [4, 3]
+
+
 def test_a_tree_takes_one_lookup_branch_only():
     with pytest.raises(ValueError, match="already has a lookup branch"):
         DraftTree.from_paths([(0,)], 1).with_lookup(2).with_lookup(2)
@@ -146,37 +171,76 @@ def test_lookup_drafts_carry_the_step_when_the_heads_are_wrong():
     assert off.lookup_proposed == 0 and off.lookup_won == 0
 
 
+def _record_passes(monkeypatch) -> list:
+    """Record every verify pass of the decodes that follow: (what `_lookup` returned, tokens fed, tree)."""
+    passes, found = [], []
+    original_lookup, original_verify = SpeculativeDecoder._lookup, SpeculativeDecoder._verify
+
+    def lookup(self, *args):
+        found.append(original_lookup(self, *args))
+        return found[-1]
+
+    def verify(self, tokens, tree):
+        assert tokens.shape[1] == tree.num_nodes
+        passes.append((found.pop() if found else (None, None, False), tokens, tree))
+        return original_verify(self, tokens, tree)
+
+    monkeypatch.setattr(SpeculativeDecoder, "_lookup", lookup)
+    monkeypatch.setattr(SpeculativeDecoder, "_verify", verify)
+    return passes
+
+
 def test_a_strong_lookup_branch_is_verified_beside_the_heads_best_chain_only(monkeypatch):
     # Beside a branch from a 3-gram match the heads' runner-up candidates are left out of the pass; beside a
     # 2-gram one the whole tree is verified. Either way the output is plain greedy's.
     model = heads_model("sequential", seed=6)
     ids, mask = padded_batch([3, 8, 5], seed=6)
-    verified, original_lookup, original_verify = [], SpeculativeDecoder._lookup, SpeculativeDecoder._verify
-    strong = []
-
-    def lookup(self, *args):
-        result = original_lookup(self, *args)
-        strong.append(result[2])
-        return result
-
-    def verify(self, tokens, tree):
-        assert tokens.shape[1] == tree.num_nodes
-        verified.append((strong.pop() if strong else None, tree.depth, tree.num_nodes - tree.lookup_length,
-                         tree.lookup_length))
-        return original_verify(self, tokens, tree)
-
-    monkeypatch.setattr(SpeculativeDecoder, "_lookup", lookup)
-    monkeypatch.setattr(SpeculativeDecoder, "_verify", verify)
+    passes = _record_passes(monkeypatch)
     for row in range(3):
         plain = _plain(model, ids[row:row + 1], mask[row:row + 1], max_new_tokens=40, eos_token_id=None)
         out = _ours(model, ids[row:row + 1], mask[row:row + 1], max_new_tokens=40, eos_token_id=None, mtp_depth=2,
                     mtp_tree=True)
         assert torch.equal(out.sequences, plain)
     whole_tree = {0: 1, 1: 4, 2: 6}  # nodes of the default tree of 2 sequential heads at each depth, root included
-    for is_strong, depth, head_nodes, length in verified:
-        assert head_nodes == (depth + 1 if is_strong and length else whole_tree[depth])  # a chain: root + drafts
-    kinds = {(is_strong, depth) for is_strong, depth, _, length in verified if length}
+    kinds = set()
+    for (_, counts, is_strong), _, tree in passes:
+        head_nodes = tree.num_nodes - tree.lookup_length
+        branch = counts is not None
+        assert head_nodes == (tree.depth + 1 if is_strong and branch else whole_tree[tree.depth])  # chain: root + drafts
+        if branch:
+            kinds.add((is_strong, tree.depth))
     assert {(True, 2), (False, 2)} <= kinds  # both kinds of branch met at full depth
+
+
+def test_lookup_drafts_that_repeat_the_heads_chain_are_verified_once(monkeypatch):
+    # With perfect heads the lookup branch, when right, starts with the heads' own drafts: it hangs from the
+    # chain node that holds its last shared draft, and no token is fed twice at the same place.
+    model = heads_model("sequential", seed=6)
+    ids, mask = padded_batch([3, 8, 5], seed=6)
+    passes = _record_passes(monkeypatch)
+    plain = _plain(model, ids, mask, max_new_tokens=40, eos_token_id=None)
+    for row in range(3):
+        with forced_drafts(plain[row:row + 1]):
+            out = _ours(model, ids[row:row + 1], mask[row:row + 1], max_new_tokens=40, eos_token_id=None,
+                        mtp_depth=2, mtp_tree=True)
+        assert torch.equal(out.sequences, plain[row:row + 1])
+    starts = []
+    for (drafts, counts, _), tokens, tree in passes:
+        if counts is None:
+            continue
+        count, start = int(counts[0]), tree.lookup_start
+        chain = [i for i, path in enumerate(tree.paths) if path and not any(path)]  # the heads' best chain
+        if not tree.lookup_length:  # every lookup draft was one of the chain's
+            assert tokens[0, chain[:count]].tolist() == drafts[0, :count].tolist()
+            starts.append(count)
+            continue
+        assert tokens[0, chain[:start]].tolist() == drafts[0, :start].tolist()  # shared drafts sit on the chain
+        assert tokens[0, tree.num_nodes - tree.lookup_length :].tolist() == \
+            drafts[0, start : start + tree.lookup_length].tolist()
+        if start < min(len(chain), count):
+            assert int(tokens[0, chain[start]]) != int(drafts[0, start])  # the sharing went as far as it could
+        starts.append(start)
+    assert max(starts) >= 1 and 0 in starts
 
 
 def test_eos_and_max_new_tokens_inside_an_accepted_lookup_draft():

@@ -252,10 +252,13 @@ class SpeculativeDecoder:
         if lookup_counts is not None:
             # Beside a strong branch (every row's from a long match) only the heads' best chain is verified.
             narrow = strong and not head_tree.is_chain  # a chain has no runner-ups to leave out
-            tree = self.shapes.tree(depth, int(lookup_counts.max()), chain_only=narrow).to(self.rows.device)
+            # Lookup drafts that repeat the heads' best chain are verified once, as the chain's nodes.
+            start = 0 if self.do_sample else self._drafts_shared_with_chain(tokens, depth, lookup, lookup_counts)
+            length = int(lookup_counts.max()) - start
+            tree = self.shapes.tree(depth, length, chain_only=narrow, lookup_start=start).to(self.rows.device)
             if narrow:
                 tokens = tokens[:, self.shapes.chain_nodes[depth]]
-            tokens = torch.cat([tokens, lookup[:, : tree.lookup_length]], dim=1)
+            tokens = torch.cat([tokens, lookup[:, start : start + tree.lookup_length]], dim=1)
         self.stats.draft_time_s += time.perf_counter() - tick
 
         verify_start = time.perf_counter()
@@ -349,6 +352,25 @@ class SpeculativeDecoder:
         if not bool(counts.any()):
             return None, None, False
         return drafts, counts, bool(((ngram >= STRONG_LOOKUP_NGRAM) & (counts > 0)).all())
+
+    def _drafts_shared_with_chain(self, tokens: torch.Tensor, depth: int, lookup: torch.Tensor,
+                                  counts: torch.Tensor) -> int:
+        """How many leading lookup drafts equal the heads' best drafts, in every row that has lookup drafts.
+
+        The branch then hangs from the chain's node at that depth instead of the root: on code, 239 of 301
+        lookup proposals began with the heads' first draft (docs/decoding.md, "Narrower passes").
+
+        Args:
+            tokens: `(R, N)` the heads' node tokens of this step (tree `self.shapes.tree(depth)`).
+            depth: the draft depth.
+            lookup: `(R, L)` lookup drafts.
+            counts: `(R,)` real lookup drafts per row (0: none).
+        """
+        chain = tokens[:, self.shapes.chain_nodes[depth][1:]]  # (R, C): the heads' best drafts, depth 1 first
+        width = min(chain.shape[1], lookup.shape[1])
+        same = (chain[:, :width] == lookup[:, :width]).long().cumprod(dim=1).sum(dim=1)
+        same = torch.minimum(same, counts)[counts > 0]
+        return int(same.min()) if same.numel() else 0
 
     def _corpus_drafts(self, corpus: NgramCorpus, drafts: torch.Tensor, counts: torch.Tensor, lengths: torch.Tensor,
                        num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:

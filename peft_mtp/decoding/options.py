@@ -193,7 +193,7 @@ class DraftShapes:
         self.trees: dict[int, DraftTree] = {}  # the heads' tree cut at each depth
         self.chains: dict[int, DraftTree] = {}  # its best chain (paths of rank 0 only)
         self.chain_nodes: dict[int, list[int]] = {}  # the chain's nodes in the tree, root first
-        self._with_lookup: dict[tuple[int, int, bool], DraftTree] = {}
+        self._with_lookup: dict[tuple[int, int, bool, int], DraftTree] = {}
         full = DraftTree.from_paths(paths, max_depth)
         self.max_depth = full.depth
         for depth in range(self.max_depth + 1):
@@ -203,7 +203,7 @@ class DraftShapes:
             self.chain_nodes[depth] = [self.trees[depth].paths.index(p) for p in self.chains[depth].paths]
         self.is_chain = full.is_chain
 
-    def tree(self, depth: int, lookup: int = 0, chain_only: bool = False) -> DraftTree:
+    def tree(self, depth: int, lookup: int = 0, chain_only: bool = False, lookup_start: int = 0) -> DraftTree:
         """The heads' tree cut at `depth` (depth 0: the root only), with a lookup branch of `lookup` nodes.
 
         Args:
@@ -212,14 +212,16 @@ class DraftShapes:
             chain_only: keep only the heads' best chain, without their runner-up candidates (the nodes
                 `chain_nodes[depth]` of the heads' tree, root first); the loop asks for it beside a strong
                 lookup branch (`STRONG_LOOKUP_NGRAM`).
+            lookup_start: depth of the heads' best-chain node the branch hangs from (`DraftTree.with_lookup`).
 
         Returns:
-            The `DraftTree`.
+            The `DraftTree` (built once per key, then reused).
         """
-        if (depth, lookup, chain_only) not in self._with_lookup:
+        key = (depth, lookup, chain_only, lookup_start)
+        if key not in self._with_lookup:
             heads = self.chains[depth] if chain_only else self.trees[depth]
-            self._with_lookup[depth, lookup, chain_only] = heads.with_lookup(lookup)
-        return self._with_lookup[depth, lookup, chain_only]
+            self._with_lookup[key] = heads.with_lookup(lookup, start=lookup_start)
+        return self._with_lookup[key]
 
 
 class DepthController:

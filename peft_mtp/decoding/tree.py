@@ -10,9 +10,11 @@ Nodes are numbered root first, then by depth, then by path, so a parent always c
 children: the verify pass can feed them in this order with a mask that lets each node read its
 ancestors only.
 
-A tree can also carry a lookup branch (`DraftTree.with_lookup`): a chain of tokens under the root
-that come from elsewhere than the heads (prompt lookup, `lookup.py`). Its nodes come after the
-heads' nodes; their paths use the rank `LOOKUP` (-1) at every depth.
+A tree can also carry a lookup branch (`DraftTree.with_lookup`): a chain of tokens that come from
+elsewhere than the heads (prompt lookup, `lookup.py`), under the root or, where its first tokens are
+the heads' best drafts, under the node of the heads' best chain that already holds them (so that no
+token is verified twice at the same place). Its nodes come after the heads' nodes; their paths use
+the rank `LOOKUP` (-1) at each depth below the node they hang from.
 """
 
 from __future__ import annotations
@@ -111,6 +113,8 @@ class DraftTree:
         topk: `(D,)` number of candidates needed from head k (k = 1..D), `topk[k-1]`.
         is_chain: whether the tree is a single chain (verified with the model's own causal mask).
         lookup_length: nodes of the lookup branch (the last `lookup_length` nodes; 0 without one).
+        lookup_start: depth of the node the lookup branch hangs from (0: the root; d: the heads' best
+            draft at depth d, whose path is `(0,) * d`). Its j-th node sits at depth `lookup_start + j`.
     """
 
     paths: list[Path]
@@ -121,6 +125,7 @@ class DraftTree:
     topk: list[int]
     is_chain: bool
     lookup_length: int = 0
+    lookup_start: int = 0
 
     @property
     def num_nodes(self) -> int:
@@ -135,7 +140,7 @@ class DraftTree:
     @property
     def max_node_depth(self) -> int:
         """Depth of the deepest node, lookup branch included (most drafts one step can accept)."""
-        return max(self.depth, self.lookup_length)
+        return max(self.depth, self.lookup_start + self.lookup_length)
 
     @classmethod
     def from_paths(cls, paths: Sequence[Sequence[int]], max_depth: int) -> DraftTree:
@@ -178,23 +183,34 @@ class DraftTree:
 
         return cls._build([()] + sorted(normalised, key=lambda p: (len(p), p)))
 
-    def with_lookup(self, length: int) -> DraftTree:
-        """This tree with a lookup branch of `length` nodes (a chain under the root) after its own nodes.
+    def with_lookup(self, length: int, start: int = 0) -> DraftTree:
+        """This tree with a lookup branch of `length` nodes (a chain) after its own nodes.
 
         Args:
             length: tokens the branch holds (>= 0; 0 gives this tree back).
+            start: depth of the heads' best-chain node the branch hangs from (0: the root). The loop
+                passes the number of leading lookup drafts that equal the heads' best drafts, so those
+                are verified once, as the chain's nodes.
 
         Returns:
-            The new `DraftTree`; its last `length` nodes are the branch, at depths 1..length.
+            The new `DraftTree`; its last `length` nodes are the branch, at depths start+1..start+length.
+
+        Raises:
+            ValueError: the tree already has a lookup branch, or has no best-chain node at depth `start`.
         """
         if length <= 0:
             return self
         if self.lookup_length:
             raise ValueError("This draft tree already has a lookup branch; add one to the heads' tree only.")
-        return self._build(self.paths + [(LOOKUP,) * d for d in range(1, length + 1)], lookup_length=length)
+        stem = (0,) * start
+        if stem not in self.paths:
+            raise ValueError(f"A lookup branch can hang only from a node of the heads' best chain; this tree has no "
+                             f"node {stem} (depth {start}).")
+        branch = [stem + (LOOKUP,) * d for d in range(1, length + 1)]
+        return self._build(self.paths + branch, lookup_length=length, lookup_start=start)
 
     @classmethod
-    def _build(cls, ordered: list[Path], lookup_length: int = 0) -> DraftTree:
+    def _build(cls, ordered: list[Path], lookup_length: int = 0, lookup_start: int = 0) -> DraftTree:
         """The tensors of a tree whose paths are already in node order (root first, parents before children)."""
         index = {path: i for i, path in enumerate(ordered)}
         n = len(ordered)
@@ -210,12 +226,13 @@ class DraftTree:
         topk = [int(ranks[(depths == d) & (ranks >= 0)].max()) + 1 for d in range(1, depth + 1)]
         # One node per depth is a chain (each node's parent sits one depth up); a heads' chain drafts top candidates.
         is_chain = n == int(depths.max()) + 1 and all(rank in (0, LOOKUP) for rank in ranks.tolist())
-        return cls(ordered, depths, parents, ranks, ancestor_mask, topk, is_chain, lookup_length)
+        return cls(ordered, depths, parents, ranks, ancestor_mask, topk, is_chain, lookup_length, lookup_start)
 
     def to(self, device: torch.device) -> DraftTree:
         """The same tree with its tensors on `device`."""
         return DraftTree(self.paths, self.depths.to(device), self.parents.to(device), self.ranks.to(device),
-                         self.ancestor_mask.to(device), self.topk, self.is_chain, self.lookup_length)
+                         self.ancestor_mask.to(device), self.topk, self.is_chain, self.lookup_length,
+                         self.lookup_start)
 
     def node_tokens(self, root: torch.Tensor, candidates: list[torch.Tensor]) -> torch.Tensor:
         """The token of every head node, per row (a lookup branch's tokens go after them).
@@ -265,15 +282,16 @@ class DraftTree:
         Args:
             tokens: `(B, N)` node tokens.
             choices: `(B, N)` the model's choice of the token after each node.
-            lookup_counts: `(B,)` lookup drafts each row really has; its branch nodes past that hold filler and
-                are never accepted (default: all of them are drafts).
+            lookup_counts: `(B,)` lookup drafts each row really has (draft i sits at depth i, the first
+                `lookup_start` of them on the heads' chain); branch nodes deeper than that hold filler and are
+                never accepted (default: all of them are drafts).
             depth_limit: `(B,)` deepest node each row may accept (its room for tokens, less the model's own
                 next one); default: no limit.
 
         Returns:
             `(B,)` the deepest accepted node (the first in node order on a tie), `(B,)` the depth of the deepest
             accepted head node, and `(B,)` that of the deepest accepted lookup node (0 where none, or without a
-            lookup branch).
+            lookup branch; a branch under the heads' chain counts the chain's nodes above it).
         """
         accepted = self._accepted(tokens, choices, lookup_counts, depth_limit)
         depth_of_accepted = torch.where(accepted, self.depths[None, :], -1)
@@ -293,7 +311,7 @@ class DraftTree:
             parents = self.parents[1:]
             match = tokens[:, 1:] == choices[:, parents]  # (B, N-1): node agrees with its parent's choice
             if self.lookup_length and lookup_counts is not None:
-                depth = torch.arange(1, self.lookup_length + 1, device=tokens.device)[None]
+                depth = self.depths[None, -self.lookup_length :]  # the j-th branch node holds lookup draft start+j
                 match[:, -self.lookup_length :] &= depth <= lookup_counts[:, None]
             if depth_limit is not None:
                 match &= self.depths[None, 1:] <= depth_limit[:, None]
