@@ -17,7 +17,7 @@ PAD = 0
 EOS = 2
 
 
-def diverse_model(arch: str = "llama", seed: int = 0) -> transformers.PreTrainedModel:
+def diverse_model(arch: str = "llama", seed: int = 0, attn_implementation: str = "eager") -> transformers.PreTrainedModel:
     """A tiny random causal LM whose greedy output varies (its unembedding is not tied to its embedding).
 
     With tied weights, a tiny random model's hidden state stays close to its input embedding, so it
@@ -26,11 +26,12 @@ def diverse_model(arch: str = "llama", seed: int = 0) -> transformers.PreTrained
     torch.manual_seed(seed)
     config = make_config(arch)
     config.tie_word_embeddings = False
-    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval()
 
 
 def heads_model(head_type: str = "ffn", num_heads: int = 3, arch: str = "llama", seed: int = 0,
-                dtype: torch.dtype = torch.float32, noise: float = 0.02, **config):
+                dtype: torch.dtype = torch.float32, noise: float = 0.02, attn_implementation: str = "eager",
+                **config):
     """A tiny model with MTP heads whose drafts are partly right (base init plus a little noise).
 
     Args:
@@ -42,9 +43,11 @@ def heads_model(head_type: str = "ffn", num_heads: int = 3, arch: str = "llama",
             not float rounding (transformers' own batched decoding turns padding into NaN in float64, so
             padded batches use float32).
         noise: std of the noise added to every head weight (0 keeps the base init).
+        attn_implementation: the base model's attention (`"sdpa"` is what a pretrained model loads with).
         **config: more `MTPConfig` fields.
     """
-    model = get_peft_model(diverse_model(arch, seed), MTPConfig(num_heads=num_heads, head_type=head_type, **config))
+    base = diverse_model(arch, seed, attn_implementation)
+    model = get_peft_model(base, MTPConfig(num_heads=num_heads, head_type=head_type, **config))
     model = model.to(dtype).eval()
     with torch.no_grad():
         for parameter in model.base_model.mtp.parameters():

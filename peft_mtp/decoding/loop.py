@@ -27,6 +27,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from ..copying import mix_copy, next_copy_candidate
 from ..fast_linear import fast_small_row_linear
 from .acceptance import sample, speculative_sample_chain
+from .attention import grouped_query_sdpa, uses_sdpa
 from .drafter import HeadDrafter
 from .layout import additive_mask, apply_keep, chunk_attention_mask, plan_keep, select_rows
 from .lookup import prompt_lookup
@@ -177,6 +178,7 @@ class SpeculativeDecoder:
         if not self.shapes.is_chain:
             _check_tree_attention(model)
         self.lookup_tokens = options.lookup_tokens(_takes_tree_masks(model))
+        self.grouped_sdpa = uses_sdpa(model)  # verify passes on CPU read grouped key/value heads in place
 
     # ------------------------------------------------------------------------------------------
 
@@ -483,7 +485,8 @@ class SpeculativeDecoder:
             # in the additive form eager and SDPA attention add to their scores.
             allowed = chunk_attention_mask(self.cache_valid, self.cache_valid.new_ones(rows, nodes), tree.ancestor_mask)
             attention_mask = self._tree_attention_mask(allowed, position_ids)
-        with self.trunk.capture(feature_layers=self.heads.feature_layers) as captured:
+        in_place = self.grouped_sdpa and tokens.device.type == "cpu"
+        with grouped_query_sdpa(in_place), self.trunk.capture(feature_layers=self.heads.feature_layers) as captured:
             outputs = self.model(input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids,
                                  cache=self.cache, use_cache=True, return_dict=True)
         self.cache = outputs.cache if getattr(outputs, "cache", None) is not None else self.cache
