@@ -63,12 +63,31 @@ def test_the_switch_is_put_back_as_it_was(monkeypatch):
     with grouped_query_sdpa():
         assert os.environ[SDPA_FORCE_GQA_ENV] == "1"
     assert SDPA_FORCE_GQA_ENV not in os.environ
-    monkeypatch.setenv(SDPA_FORCE_GQA_ENV, "0")
     with pytest.raises(RuntimeError), grouped_query_sdpa():
         raise RuntimeError("a failing forward")
-    assert os.environ[SDPA_FORCE_GQA_ENV] == "0"
+    assert SDPA_FORCE_GQA_ENV not in os.environ
     with grouped_query_sdpa(enabled=False):
-        assert os.environ[SDPA_FORCE_GQA_ENV] == "0"
+        assert SDPA_FORCE_GQA_ENV not in os.environ
+
+
+def test_overlapping_blocks_share_the_switch_until_the_last_one_closes(monkeypatch):
+    # Two generate calls in two threads: the first to finish must not switch it off under the other.
+    monkeypatch.delenv(SDPA_FORCE_GQA_ENV, raising=False)
+    first, second = grouped_query_sdpa(), grouped_query_sdpa()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert os.environ[SDPA_FORCE_GQA_ENV] == "1"
+    second.__exit__(None, None, None)
+    assert SDPA_FORCE_GQA_ENV not in os.environ
+
+
+@pytest.mark.parametrize("value", ["0", "1"])
+def test_a_value_the_user_set_is_left_alone(monkeypatch, value):
+    monkeypatch.setenv(SDPA_FORCE_GQA_ENV, value)
+    with grouped_query_sdpa():
+        assert os.environ[SDPA_FORCE_GQA_ENV] == value
+    assert os.environ[SDPA_FORCE_GQA_ENV] == value
 
 
 @pytest.mark.parametrize("tree", [None, True], ids=["chain", "tree"])

@@ -212,6 +212,33 @@ def test_a_strong_lookup_branch_is_verified_beside_the_heads_best_chain_only(mon
     assert {(True, 2), (False, 2)} <= kinds  # both kinds of branch met at full depth
 
 
+def _branch_starts(passes) -> list[int]:
+    """Check every recorded pass's lookup branch against its drafts; return the depth each branch hung from.
+
+    The drafts every row shares with the heads' best chain sit on the chain, the rest on the branch, and
+    the branch hangs as deep as every row with drafts allows (the shortest shared prefix among them).
+    """
+    starts = []
+    for (drafts, counts, _), tokens, tree in passes:
+        if counts is None:
+            continue
+        start, length = tree.lookup_start, tree.lookup_length
+        chain = [i for i, path in enumerate(tree.paths) if path and not any(path)]  # the heads' best chain
+        shared = []
+        for row in (counts > 0).nonzero()[:, 0].tolist():
+            count = int(counts[row])
+            same = 0
+            while same < min(len(chain), count) and int(tokens[row, chain[same]]) == int(drafts[row, same]):
+                same += 1
+            shared.append(same)
+            if length:
+                assert tokens[row, tree.num_nodes - length :].tolist() == drafts[row, start : start + length].tolist()
+        start = start if length else int(counts.max())  # a branch wholly on the chain leaves no node of its own
+        assert start == min(shared)
+        starts.append(start)
+    return starts
+
+
 def test_lookup_drafts_that_repeat_the_heads_chain_are_verified_once(monkeypatch):
     # With perfect heads the lookup branch, when right, starts with the heads' own drafts: it hangs from the
     # chain node that holds its last shared draft, and no token is fed twice at the same place.
@@ -224,23 +251,24 @@ def test_lookup_drafts_that_repeat_the_heads_chain_are_verified_once(monkeypatch
             out = _ours(model, ids[row:row + 1], mask[row:row + 1], max_new_tokens=40, eos_token_id=None,
                         mtp_depth=2, mtp_tree=True)
         assert torch.equal(out.sequences, plain[row:row + 1])
-    starts = []
-    for (drafts, counts, _), tokens, tree in passes:
-        if counts is None:
-            continue
-        count, start = int(counts[0]), tree.lookup_start
-        chain = [i for i, path in enumerate(tree.paths) if path and not any(path)]  # the heads' best chain
-        if not tree.lookup_length:  # every lookup draft was one of the chain's
-            assert tokens[0, chain[:count]].tolist() == drafts[0, :count].tolist()
-            starts.append(count)
-            continue
-        assert tokens[0, chain[:start]].tolist() == drafts[0, :start].tolist()  # shared drafts sit on the chain
-        assert tokens[0, tree.num_nodes - tree.lookup_length :].tolist() == \
-            drafts[0, start : start + tree.lookup_length].tolist()
-        if start < min(len(chain), count):
-            assert int(tokens[0, chain[start]]) != int(drafts[0, start])  # the sharing went as far as it could
-        starts.append(start)
+    starts = _branch_starts(passes)
     assert max(starts) >= 1 and 0 in starts
+
+
+def test_in_a_batch_the_branch_hangs_as_deep_as_every_row_allows(monkeypatch):
+    # Rows with right and wrong heads, and rows whose lookup finds nothing, share one tree per pass.
+    model = heads_model("ffn", seed=6)
+    ids, mask = padded_batch([3, 8, 5, 6], seed=6)
+    passes = _record_passes(monkeypatch)
+    plain = _plain(model, ids, mask, max_new_tokens=40, eos_token_id=None)
+    for quality in ({0: True, 1: True, 2: True, 3: True}, {0: True, 1: False, 2: True, 3: False}):
+        with forced_drafts(plain, quality=quality):
+            out = _ours(model, ids, mask, max_new_tokens=40, eos_token_id=None, mtp_depth=3, mtp_tree=True,
+                        mtp_lookup=6)
+        assert torch.equal(out.sequences, plain)
+    starts = _branch_starts(passes)
+    assert max(starts) >= 1 and 0 in starts
+    assert any(len(counts) > 1 and (counts == 0).any() for (_, counts, _), _, _ in passes if counts is not None)
 
 
 def test_eos_and_max_new_tokens_inside_an_accepted_lookup_draft():

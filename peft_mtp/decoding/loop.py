@@ -266,9 +266,10 @@ class SpeculativeDecoder:
         verify_start = time.perf_counter()
         logits, hidden = self._verify(tokens, tree)
         scores = self._process_nodes(logits, tokens, tree)
-        if self.do_sample and tree.is_chain and draft_probs is not None:
+        if self.do_sample and tree.is_chain and not tree.lookup_length and draft_probs is not None:
+            # The heads' own sampled chain (a lookup branch, even one on the chain, is verified node by node below).
             accepted, bonus = speculative_sample_chain(scores, draft_probs, tokens[:, 1:])
-            node, head_accepted, lookup_accepted = accepted, accepted, None  # no lookup branch in a chain
+            node, head_accepted, lookup_accepted = accepted, accepted, None
         else:
             choices = sample(scores) if self.do_sample else scores.argmax(dim=-1)  # (R, N)
             node, head_accepted, lookup_accepted = tree.accept_by_source(tokens, choices, lookup_counts,

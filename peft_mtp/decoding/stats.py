@@ -77,7 +77,8 @@ class SpeculationStats:
         """Count one verify pass's lookup branch.
 
         Args:
-            proposed: per row, the lookup drafts verified (0: none for that row).
+            proposed: per row, the lookup drafts proposed (0: none for that row), those verified as nodes of
+                the heads' chain included.
             head_accepted: per row, drafts accepted on the heads' nodes.
             lookup_accepted: per row, drafts accepted on the lookup branch.
         """
