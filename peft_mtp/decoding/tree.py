@@ -13,8 +13,9 @@ ancestors only.
 A tree can also carry a lookup branch (`DraftTree.with_lookup`): a chain of tokens that come from
 elsewhere than the heads (prompt lookup, `lookup.py`), under the root or, where its first tokens are
 the heads' best drafts (in every row that has lookup drafts), under the node of the heads' best chain
-that already holds them, so that those tokens are not verified twice at the same place. Its nodes come after the heads' nodes; their paths use
-the rank `LOOKUP` (-1) at each depth below the node they hang from.
+that already holds them, so that those tokens are not verified twice at the same place. Its nodes
+come after the heads' nodes; their paths use the rank `LOOKUP` (-1) at each depth below the node
+they hang from.
 """
 
 from __future__ import annotations
