@@ -174,6 +174,7 @@ class SpeculativeDecoder:
         sizes = [self.shapes.tree(depth).num_nodes for depth in range(self.shapes.max_depth + 1)]
         self.controller = DepthController(self.shapes.max_depth, fixed, sizes=sizes)
         self.drafter = HeadDrafter(self.heads, self.trunk)
+        self.drafted_depth = 0  # the last step's depth: no sequential depth has run over the prompt yet
         self.stats = SpeculationStats(num_heads=num_heads, trace=[] if options.trace else None)
         if not self.shapes.is_chain:
             _check_tree_attention(model)
@@ -261,7 +262,8 @@ class SpeculativeDecoder:
             if narrow:
                 tokens = tokens[:, self.shapes.chain_nodes[depth]]
             tokens = torch.cat([tokens, lookup[:, start : start + tree.lookup_length]], dim=1)
-        self.stats.draft_time_s += time.perf_counter() - tick
+        draft_seconds = time.perf_counter() - tick
+        self.stats.draft_time_s += draft_seconds
 
         verify_start = time.perf_counter()
         logits, hidden = self._verify(tokens, tree)
@@ -306,7 +308,10 @@ class SpeculativeDecoder:
             tick = time.perf_counter()
             self.drafter.observe(_select(kept_hidden, keep_rows), _select(kept_valid, keep_rows))
             self.stats.draft_time_s += time.perf_counter() - tick
-        self.controller.record(depth, head_list, time.perf_counter() - step_start)
+        # Sequential depths that sat idle last step caught up on the positions they skipped in this one.
+        caught_up = self.drafter.sequential and depth > self.drafted_depth
+        self.drafted_depth = depth
+        self.controller.record(depth, head_list, time.perf_counter() - step_start, draft_seconds, caught_up)
 
     def _lookup_now(self) -> bool:
         """Whether this step drafts from prompt lookup.

@@ -243,6 +243,14 @@ class DepthController:
     CPU batch of 8 its step took 100 ms where drafting steps took 220-235 ms, far below any line
     through the drafting depths (which put it at ~205 ms and kept a batch at depth 1-2, 0.82x plain).
 
+    A step that drafts deeper than the step before pays for catching up: `sequential` depths that sat
+    idle run over every position they skipped (the first step, over the prompt). Its drafting time is
+    not what that depth costs step after step, so such a step counts the drafting time last measured at
+    its depth in a step that did not catch up; where there is none yet, its whole time stands in for the
+    depth's until a step that does not catch up replaces it. Counting whole steps charged the first
+    step's pass over the prompt, and every probe's catching up, to the deeper depth: on code the
+    controller spent ~40% of its steps at depth 1, where a fixed depth 2 was faster (docs/decoding.md).
+
     Args:
         max_depth: deepest drafts allowed.
         fixed: a fixed depth, or None for the automatic mode.
@@ -270,10 +278,12 @@ class DepthController:
         self.sizes = sizes or list(range(1, max_depth + 2))
         self.probe_every = probe_every
         self.decay = decay
-        # Prior: one accepted and one rejected draft per depth (r = 0.5), so nothing is ruled out unseen.
-        self.hits = [1.0] * max_depth
-        self.tries = [2.0] * max_depth
-        self.times: dict[int, float] = {}
+        # Prior: one accepted and one rejected draft per depth (r = 0.5, `acceptance`), so nothing is ruled out unseen.
+        self.hits = [0.0] * max_depth  # decayed counts; the prior below is added when they are read
+        self.tries = [0.0] * max_depth
+        self.times: dict[int, float] = {}  # whole step
+        self.draft_times: dict[int, float] = {}  # its drafting part, in steps that did not catch up
+        self.stand_ins: set[int] = set()  # depths whose time is a catching-up step's, replaced by the next one
         self.steps = 0
         self.probes = 0
         self.best = max_depth
@@ -306,8 +316,18 @@ class DepthController:
                 return neighbours[self.probes % len(neighbours)]
         return self.best
 
-    def record(self, depth: int, accepted: list[int], seconds: float) -> None:
-        """Feed back one step: its depth, the drafts accepted per row, and its wall time."""
+    def record(self, depth: int, accepted: list[int], seconds: float, draft_seconds: float = 0.0,
+               caught_up: bool = False) -> None:
+        """Feed back one step.
+
+        Args:
+            depth: its draft depth.
+            accepted: drafts accepted per row.
+            seconds: its wall time.
+            draft_seconds: the part of it spent drafting.
+            caught_up: whether drafting also ran heads over positions they had skipped (see the class
+                docstring); its `draft_seconds` then stand for this step only.
+        """
         if self.fixed is not None:
             return
         self.hits = [h * self.decay for h in self.hits]
@@ -317,14 +337,34 @@ class DepthController:
                 self.tries[k] += 1.0
                 if count > k:
                     self.hits[k] += 1.0
-        previous = self.times.get(depth)
-        self.times[depth] = seconds if previous is None else 0.7 * previous + 0.3 * seconds
+        if caught_up:
+            if depth not in self.draft_times:
+                # No drafting time of this depth without catching up yet: this step stands in until one comes.
+                if depth not in self.times:
+                    self.times[depth] = seconds
+                    self.stand_ins.add(depth)
+                return
+            seconds += self.draft_times[depth] - draft_seconds
+        else:
+            self.draft_times[depth] = _average(self.draft_times.get(depth), draft_seconds)
+        previous = None if depth in self.stand_ins else self.times.get(depth)
+        self.stand_ins.discard(depth)
+        self.times[depth] = _average(previous, seconds)
+
+    def acceptance(self, k: int) -> float:
+        """The estimated chance r_k that draft k is accepted once drafts 1..k-1 were.
+
+        The prior, one accepted and one rejected draft (r = 0.5), never decays: counts of a depth that is no
+        longer drafted fade back to it, so a depth judged on a few unlucky steps is tried again later
+        instead of being ruled out for the rest of the call.
+        """
+        return (self.hits[k - 1] + 1.0) / (self.tries[k - 1] + 2.0)
 
     def expected_tokens(self, depth: int) -> float:
         """Expected tokens per row per step when drafting `depth` tokens."""
         total, chance = 1.0, 1.0
         for k in range(depth):
-            chance *= self.hits[k] / self.tries[k]
+            chance *= self.acceptance(k + 1)
             total += chance
         return total
 
@@ -346,3 +386,8 @@ class DepthController:
     def _rate(self, depth: int) -> float:
         rate = self.expected_tokens(depth) / self._time(depth)
         return rate if math.isfinite(rate) else 0.0
+
+
+def _average(previous: float | None, value: float) -> float:
+    """The controller's running time average: recent steps weigh most, as the context grows."""
+    return value if previous is None else 0.7 * previous + 0.3 * value
