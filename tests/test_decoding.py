@@ -452,6 +452,32 @@ def test_automatic_depth_settles_below_the_maximum_for_useless_heads():
     assert len(stats.depth_steps) > 1  # it measured the deepest drafts, then moved
 
 
+@pytest.mark.parametrize("head_type", ["sequential", "mha_ffn"])
+def test_automatic_depth_is_told_which_steps_caught_up(monkeypatch, head_type):
+    # Sequential depths that sat idle run over the positions they skipped at the next step that drafts with them
+    # (the first step, over the prompt): the controller must know, or it charges that to the deeper depth.
+    from peft_mtp.decoding.options import DepthController
+
+    records = []
+    record = DepthController.record
+
+    def spy(self, depth, accepted, seconds, **kwargs):
+        records.append((depth, kwargs["caught_up"], kwargs["draft_seconds"]))
+        return record(self, depth, accepted, seconds, **kwargs)
+
+    monkeypatch.setattr(DepthController, "record", spy)
+    model = heads_model(head_type, num_heads=2, seed=23)
+    plain, ours, _ = greedy(model, torch.tensor([[31, 41, 59, 26, 53]]), max_new_tokens=60, eos_token_id=None,
+                            mtp_depth="auto")
+    assert torch.equal(plain, ours)
+    depths = [depth for depth, _, _ in records]
+    assert len(set(depths)) > 1 and all(seconds is not None and seconds >= 0 for _, _, seconds in records)
+    expected = [head_type == "sequential" and depth > previous for previous, depth in zip([0] + depths, depths)]
+    assert [caught_up for _, caught_up, _ in records] == expected
+    if head_type == "sequential":
+        assert expected[0] and any(expected[1:]) and not all(expected)
+
+
 def test_speculation_stays_exact_under_the_fast_linear_kernels():
     from peft_mtp.fast_linear import fast_small_row_linear
 

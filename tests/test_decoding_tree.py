@@ -162,8 +162,9 @@ def _run_controller(step_seconds: list[float], acceptance: list[float], steps: i
     chance `acceptance[k]` once drafts 1..k were.
 
     `draft_seconds[d]` is the drafting part of such a step. `catch_up = (prompt, per_step)` models `sequential`
-    heads: the first step also runs them over the prompt (`prompt` seconds more), and a step deeper than the one
-    before runs each depth that sat idle over the positions it skipped (`per_step` seconds per skipped step).
+    heads: the first step also runs each depth over the prompt (`prompt` seconds more per depth), and a step deeper
+    than the one before runs each depth that sat idle over the positions it skipped (`per_step` seconds per skipped
+    step).
     """
     controller = DepthController(max_depth=len(acceptance), fixed=None, probe_every=8)
     generator = torch.Generator().manual_seed(1)
@@ -211,3 +212,34 @@ def test_depth_controller_does_not_charge_catching_up_to_the_deeper_depth():
     chosen = _run_controller([0.050, 0.056, 0.060], [0.75, 0.58], draft_seconds=[0.0, 0.004, 0.007],
                              catch_up=(0.4, 0.002))
     assert chosen[-200:].count(2) >= 180
+
+
+def test_depth_controller_acceptance_fades_back_to_its_prior():
+    controller = DepthController(max_depth=2, fixed=None)
+    assert controller.acceptance(1) == controller.acceptance(2) == 0.5  # nothing seen: the prior
+    for _ in range(3):
+        controller.record(2, [1], seconds=1.0)  # draft 1 right, draft 2 wrong, three times
+    assert controller.acceptance(2) < 0.3 and controller.acceptance(1) > 0.7
+    for _ in range(200):
+        controller.record(1, [1], seconds=1.0)  # draft 2 no longer tried: its counts fade
+    assert abs(controller.acceptance(2) - 0.5) < 0.01
+    assert controller.acceptance(1) > 0.95
+
+
+def test_depth_controller_replaces_the_drafting_time_of_steps_that_caught_up():
+    controller = DepthController(max_depth=3, fixed=None)
+    # The first step drafts over the prompt: it stands in until the next step at its depth, which replaces it.
+    controller.record(3, [0], seconds=1.0, draft_seconds=0.9, caught_up=True)
+    assert controller.times == {3: 1.0}
+    controller.record(3, [0], seconds=0.1, draft_seconds=0.03)
+    assert controller.times[3] == pytest.approx(0.1) and controller.draft_times == {3: pytest.approx(0.03)}
+    # A later step that catches up counts its depth's usual drafting time instead of its own.
+    controller.record(3, [0], seconds=0.5, draft_seconds=0.43, caught_up=True)
+    assert controller.times[3] == pytest.approx(0.1)
+    # A depth only reached by catching up takes the nearest measured depth's, scaled by depth, and keeps averaging.
+    controller.record(2, [0], seconds=0.5, draft_seconds=0.42, caught_up=True)
+    assert controller.times[2] == pytest.approx(0.1)
+    controller.record(2, [0], seconds=0.8, draft_seconds=0.6, caught_up=True)
+    assert controller.times[2] == pytest.approx(0.7 * 0.1 + 0.3 * 0.22)
+    with pytest.raises(ValueError, match="draft_seconds"):
+        controller.record(2, [0], seconds=0.5, caught_up=True)

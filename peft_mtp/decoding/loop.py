@@ -311,7 +311,8 @@ class SpeculativeDecoder:
         # Sequential depths that sat idle last step caught up on the positions they skipped in this one.
         caught_up = self.drafter.sequential and depth > self.drafted_depth
         self.drafted_depth = depth
-        self.controller.record(depth, head_list, time.perf_counter() - step_start, draft_seconds, caught_up)
+        self.controller.record(depth, head_list, time.perf_counter() - step_start, draft_seconds=draft_seconds,
+                               caught_up=caught_up)
 
     def _lookup_now(self) -> bool:
         """Whether this step drafts from prompt lookup.

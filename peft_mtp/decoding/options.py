@@ -228,9 +228,9 @@ class DepthController:
     """Picks the draft depth per step: fixed, or the one with the best measured tokens per second.
 
     The automatic mode keeps, per depth d, the chance r_d that draft d is accepted given that drafts
-    1..d-1 were (decayed counts, so it follows the text as it changes), and the measured time of a
-    step at each depth used (an exponential average). It picks argmax_d E[tokens | d] / time(d), with
-    E[tokens | d] = 1 + sum_{k<=d} prod_{j<=k} r_j.
+    1..d-1 were (decayed counts, so it follows the text as it changes, over a prior of r = 0.5 that does
+    not decay: `acceptance`), and the measured time of a step at each depth used (an exponential
+    average). It picks argmax_d E[tokens | d] / time(d), with E[tokens | d] = 1 + sum_{k<=d} prod_{j<=k} r_j.
 
     What it measures: the first two steps draft at the deepest depth (every head's acceptance), the
     third drafts nothing (depth 0, the baseline); every `probe_every` steps it tries a neighbour of the
@@ -245,9 +245,10 @@ class DepthController:
 
     A step that drafts deeper than the step before pays for catching up: `sequential` depths that sat
     idle run over every position they skipped (the first step, over the prompt). Its drafting time is
-    not what that depth costs step after step, so such a step counts the drafting time last measured at
-    its depth in a step that did not catch up; where there is none yet, its whole time stands in for the
-    depth's until a step that does not catch up replaces it. Counting whole steps charged the first
+    not what that depth costs step after step, so such a step counts the depth's average drafting time in
+    steps that did not catch up instead (scaled from the nearest drafting depth measured where it has
+    none: a probe one deeper than the best depth always catches up); the first step, before any such
+    measurement, stands in only until the next step at its depth. Counting whole steps charged the first
     step's pass over the prompt, and every probe's catching up, to the deeper depth: on code the
     controller spent ~40% of its steps at depth 1, where a fixed depth 2 was faster (docs/decoding.md).
 
@@ -278,8 +279,9 @@ class DepthController:
         self.sizes = sizes or list(range(1, max_depth + 2))
         self.probe_every = probe_every
         self.decay = decay
-        # Prior: one accepted and one rejected draft per depth (r = 0.5, `acceptance`), so nothing is ruled out unseen.
-        self.hits = [0.0] * max_depth  # decayed counts; the prior below is added when they are read
+        # Decayed counts; `acceptance` adds a prior of one accepted and one rejected draft (r = 0.5) when it reads
+        # them, so nothing is ruled out unseen.
+        self.hits = [0.0] * max_depth
         self.tries = [0.0] * max_depth
         self.times: dict[int, float] = {}  # whole step
         self.draft_times: dict[int, float] = {}  # its drafting part, in steps that did not catch up
@@ -316,7 +318,7 @@ class DepthController:
                 return neighbours[self.probes % len(neighbours)]
         return self.best
 
-    def record(self, depth: int, accepted: list[int], seconds: float, draft_seconds: float = 0.0,
+    def record(self, depth: int, accepted: list[int], seconds: float, *, draft_seconds: float | None = None,
                caught_up: bool = False) -> None:
         """Feed back one step.
 
@@ -324,10 +326,16 @@ class DepthController:
             depth: its draft depth.
             accepted: drafts accepted per row.
             seconds: its wall time.
-            draft_seconds: the part of it spent drafting.
+            draft_seconds: the part of it spent drafting (needed when `caught_up`).
             caught_up: whether drafting also ran heads over positions they had skipped (see the class
                 docstring); its `draft_seconds` then stand for this step only.
+
+        Raises:
+            ValueError: `caught_up` without `draft_seconds`.
         """
+        if caught_up and draft_seconds is None:
+            raise ValueError("`DepthController.record(caught_up=True)` needs the step's `draft_seconds`, the part to "
+                             "replace by the depth's usual drafting time.")
         if self.fixed is not None:
             return
         self.hits = [h * self.decay for h in self.hits]
@@ -338,25 +346,45 @@ class DepthController:
                 if count > k:
                     self.hits[k] += 1.0
         if caught_up:
-            if depth not in self.draft_times:
-                # No drafting time of this depth without catching up yet: this step stands in until one comes.
+            usual = self._usual_draft_seconds(depth)
+            if usual is None:
+                # No step has drafted without catching up yet (the first step): this one stands in until the next.
                 if depth not in self.times:
                     self.times[depth] = seconds
                     self.stand_ins.add(depth)
                 return
-            seconds += self.draft_times[depth] - draft_seconds
-        else:
+            seconds += usual - draft_seconds
+        elif draft_seconds is not None:
             self.draft_times[depth] = _average(self.draft_times.get(depth), draft_seconds)
         previous = None if depth in self.stand_ins else self.times.get(depth)
         self.stand_ins.discard(depth)
         self.times[depth] = _average(previous, seconds)
+
+    def _usual_draft_seconds(self, depth: int) -> float | None:
+        """Drafting time of a step at `depth` that does not catch up: its average, or, for a depth only ever
+        reached by catching up (a probe one deeper than the best depth always is), the nearest measured
+        drafting depth's scaled by depth (each `sequential` depth runs the same layers). None before any."""
+        if depth in self.draft_times:
+            return self.draft_times[depth]
+        measured = [d for d in self.draft_times if d > 0]
+        if not measured:
+            return None
+        nearest = min(measured, key=lambda d: (abs(d - depth), d))
+        return self.draft_times[nearest] * depth / nearest
 
     def acceptance(self, k: int) -> float:
         """The estimated chance r_k that draft k is accepted once drafts 1..k-1 were.
 
         The prior, one accepted and one rejected draft (r = 0.5), never decays: counts of a depth that is no
         longer drafted fade back to it, so a depth judged on a few unlucky steps is tried again later
-        instead of being ruled out for the rest of the call.
+        instead of being ruled out for the rest of the call. Against the ~33 steps the decayed counts
+        hold at most, it pulls a well-measured r = 0.8 to ~0.78.
+
+        Args:
+            k: the draft (1..max_depth).
+
+        Returns:
+            (decayed hits + 1) / (decayed tries + 2).
         """
         return (self.hits[k - 1] + 1.0) / (self.tries[k - 1] + 2.0)
 
