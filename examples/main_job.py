@@ -627,31 +627,44 @@ def greedy_answers(model, tokenizer, prompts: datasets.Dataset, max_new_tokens: 
     return answers
 
 
-@torch.no_grad()
 def head_agreement(peft_model, tokenizer, prompts: datasets.Dataset, answers: list[list[int]]) -> dict[str, Any]:
-    """Top-1 agreement of each head with the model's greedy answer, teacher-forced, and chained tokens/step.
+    """`agreement_on_token_ids` for chat prompts (`prompts["messages"]`) and the model's answers to them."""
+    prompt_ids = [list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=False)) for messages in prompts["messages"]]
+    return agreement_on_token_ids(peft_model, prompt_ids, answers)
 
-    For heads that copy (`copy_ngram`), `head_agreement` scores what they draft (their candidates mixed in) and
-    `head_agreement_alone` the heads' own predictions.
+
+@torch.no_grad()
+def agreement_on_token_ids(peft_model, prompt_ids: list[list[int]], answers: list[list[int]]) -> dict[str, Any]:
+    """Top-1 agreement of each head with the model's greedy answers, teacher-forced, and chained tokens/step.
 
     `mtp_logits[:, t, k-1]` predicts token t+1+k; positions t run over the answer (from the last prompt token).
     Tokens per verify step simulates greedy chained drafting on the same answers: from position t, the drafts of
     heads 1..a are accepted while each matches, and the step yields 1 + a tokens.
+
+    Args:
+        peft_model: a PeftModel with active MTP heads.
+        prompt_ids: each prompt's token ids (chat template applied).
+        answers: each prompt's greedy answer ids.
+
+    Returns:
+        `head_agreement` (K,) of what the heads draft (copy candidates mixed in, for heads that copy), and for those
+        `head_agreement_alone` (their own predictions); `tokens_per_step_simulated`; for heads with a draft
+        vocabulary, `draft_vocab_coverage`: the share of answer tokens it holds (the others only a copy can draft).
     """
-    num_heads = peft_model.base_model.active_heads().num_heads
+    heads = peft_model.base_model.active_heads()
+    num_heads = heads.num_heads
     hits, alone_hits, counts = torch.zeros(num_heads), torch.zeros(num_heads), torch.zeros(num_heads)
     copying = False
     steps = tokens = 0
-    for messages, answer in zip(prompts["messages"], answers):
-        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=False)
-        ids = torch.tensor([list(prompt_ids) + answer], device=peft_model.device)
+    for prompt, answer in zip(prompt_ids, answers):
+        ids = torch.tensor([list(prompt) + list(answer)], device=peft_model.device)
         output = peft_model(input_ids=ids, output_mtp_logits=True)
         predicted = output.mtp_logits[0].argmax(-1).cpu()  # (T, K): what the heads draft (with copy candidates)
         copying = output.mtp_head_logits is not None
         alone = output.mtp_head_logits[0].argmax(-1).cpu() if copying else predicted
         ids = ids[0].cpu()
-        first, end = len(prompt_ids), ids.shape[0]  # answer tokens are ids[first:end]
+        first, end = len(prompt), ids.shape[0]  # answer tokens are ids[first:end]
         for k in range(1, num_heads + 1):
             positions = torch.arange(first - 1, end - 1 - k)
             hits[k - 1] += (predicted[positions, k - 1] == ids[positions + 1 + k]).sum()
@@ -668,6 +681,10 @@ def head_agreement(peft_model, tokenizer, prompts: datasets.Dataset, answers: li
     result = {"head_agreement": (hits / counts.clamp(min=1)).tolist(), "tokens_per_step_simulated": tokens / max(steps, 1)}
     if copying:
         result["head_agreement_alone"] = (alone_hits / counts.clamp(min=1)).tolist()
+    if heads.draft_vocab is not None:
+        answer_tokens = torch.tensor([token for answer in answers for token in answer], dtype=torch.long)
+        in_vocab = heads.draft_vocab.to_slots(answer_tokens.to(heads.draft_vocab.token_ids.device)) >= 0
+        result["draft_vocab_coverage"] = in_vocab.float().mean().item() if answer_tokens.numel() else 0.0
     return result
 
 
@@ -770,9 +787,11 @@ def evaluate(args: JobArguments, peft_model, tokenizer, splits: datasets.Dataset
         answers = greedy_answers(peft_model, tokenizer, prompts, args.eval_max_new_tokens, args.distill_batch_size)
         agreement = head_agreement(peft_model, tokenizer, prompts, answers)
         alone = agreement.get("head_agreement_alone")
+        coverage = agreement.get("draft_vocab_coverage")
         print(f"eval ({kind}): head agreement {[round(a, 3) for a in agreement['head_agreement']]}"
               + (f" (heads alone {[round(a, 3) for a in alone]})" if alone else "") + ", simulated "
-              f"tokens/step {agreement['tokens_per_step_simulated']:.2f}")
+              f"tokens/step {agreement['tokens_per_step_simulated']:.2f}"
+              + (f", draft vocabulary holds {coverage:.1%} of the answer tokens" if coverage is not None else ""))
         banner(f"eval ({kind}): timing {args.num_speed_prompts} prompts, batch 1", clock)
         timing = time_generation(peft_model, tokenizer, prompts.select(range(args.num_speed_prompts)), args, corpus)
         results[kind] = {**agreement, **timing, "num_prompts": len(prompts)}

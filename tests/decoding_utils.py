@@ -55,6 +55,23 @@ def heads_model(head_type: str = "ffn", num_heads: int = 3, arch: str = "llama",
     return model
 
 
+def char_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A character-level tokenizer over the tiny models' vocabulary (ids 0-2: pad, bos, eos; then one character
+    each), for what needs a real tokenizer, such as stop strings."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models
+
+    specials = ["<pad>", "<s>", "</s>"]
+    characters = string.ascii_letters + string.digits + string.punctuation
+    characters += "".join(chr(code) for code in range(224, 224 + VOCAB_SIZE - len(specials) - len(characters)))
+    vocab = {token: index for index, token in enumerate(specials + list(characters))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<pad>"))
+    tokenizer.decoder = decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
+                                                eos_token="</s>", unk_token="<pad>")
+
+
 def padded_batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random left-padded prompts of the given lengths: `(input_ids, attention_mask)`."""
     generator = torch.Generator().manual_seed(seed)

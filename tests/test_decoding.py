@@ -10,11 +10,11 @@ import contextlib
 
 import pytest
 import torch
-from decoding_utils import EOS, PAD, forced_drafts, heads_model, padded_batch
+from decoding_utils import EOS, PAD, char_tokenizer, forced_drafts, heads_model, padded_batch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiny_models import ARCHITECTURES
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from peft_mtp import HEAD_TYPES
@@ -308,6 +308,35 @@ def test_custom_stopping_criteria_with_and_without_eos():
         assert torch.equal(expected, ours), eos
 
 
+class StopAtNewTokens(StoppingCriteria):
+    """Stops each row after its own number of new tokens (rows are told apart by their prompts)."""
+
+    def __init__(self, prompts: torch.Tensor, new_tokens: list[int]):
+        self.prompts, self.new_tokens = prompts, new_tokens
+
+    def __call__(self, input_ids, scores, **kwargs):
+        width = self.prompts.shape[1]
+        rows = [int((self.prompts == ids[:width]).all(dim=1).nonzero()[0, 0]) for ids in input_ids]
+        return torch.tensor([input_ids.shape[1] - width >= self.new_tokens[row] for row in rows])
+
+
+def test_rows_that_stop_first_run_on_as_in_plain_decoding_and_statistics_count_what_is_returned():
+    # Without an eos criterion transformers stops every row when the last one stops. Row 0 (perfect drafts, 4
+    # tokens a step) stops first and runs far past where row 1 (wrong drafts, 1 token a step) stops the batch: the
+    # step that stops row 1 takes row 0 back to that length, in its tokens and in the statistics.
+    model = heads_model("ffn", seed=12)
+    ids, mask = padded_batch([4, 7], seed=12)
+    criteria = StoppingCriteriaList([StopAtNewTokens(ids, [3, 6])])
+    common = dict(max_new_tokens=20, eos_token_id=None, stopping_criteria=criteria, mtp_depth=3, mtp_lookup=0)
+    plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=None,
+                           pad_token_id=PAD, mtp_speculate=False)
+    with forced_drafts(plain, quality={0: True, 1: False}):
+        expected, ours, stats = greedy(model, ids, mask, **common)
+    assert expected.shape[1] == ids.shape[1] + 6
+    assert torch.equal(expected, ours)
+    assert stats.new_tokens == 2 * 6
+
+
 class RecordingStreamer(BaseStreamer):
     def __init__(self):
         self.puts, self.ended = [], False
@@ -388,6 +417,57 @@ def test_other_generation_modes_and_disabled_adapters_go_to_transformers():
     assert not hasattr(out, "mtp_stats")
 
 
+def test_a_generation_config_passed_by_position_is_honoured():
+    # transformers' `generate(inputs, generation_config, ...)`: a positional config must choose the mode too.
+    model = heads_model("ffn", seed=16)
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    beam_config = GenerationConfig(num_beams=2, do_sample=False, max_new_tokens=8, eos_token_id=None,
+                                   pad_token_id=PAD)
+    beams = model.generate(ids, beam_config)
+    assert beams.shape[0] == 1  # beam search, not a speculative loop over the expanded beams
+    assert torch.equal(beams, model.generate(ids, beam_config, mtp_speculate=False))
+    greedy_config = GenerationConfig(do_sample=False, max_new_tokens=8, eos_token_id=None, pad_token_id=PAD,
+                                     return_dict_in_generate=True)
+    ours = model.generate(ids, greedy_config)
+    assert ours.mtp_stats.verify_steps > 0
+    assert torch.equal(ours.sequences, model.generate(ids, greedy_config, mtp_speculate=False).sequences)
+    with pytest.raises(TypeError, match="generation_config"):
+        model.generate(ids, greedy_config, generation_config=greedy_config)
+
+
+@pytest.mark.parametrize("where", ["argument", "generation_config", "model_default"])
+def test_stop_strings_stop_where_plain_decoding_stops(where):
+    model = heads_model("ffn", seed=18)
+    tokenizer = char_tokenizer()
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    common = dict(max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=PAD)
+    free = model.generate(ids, mtp_speculate=False, **common)
+    stop = tokenizer.decode(free[0, ids.shape[1] + 6])  # the 7th new token's character
+    if where == "argument":
+        calls = dict(stop_strings=stop, **common)
+    elif where == "generation_config":
+        calls = dict(generation_config=GenerationConfig(stop_strings=stop, **common))
+    else:
+        model.base_model.model.generation_config.stop_strings = stop
+        calls = dict(common)
+    expected = model.generate(ids, tokenizer=tokenizer, mtp_speculate=False, **calls)
+    assert expected.shape[1] <= ids.shape[1] + 7  # the stop string did stop plain decoding
+    with forced_drafts(free):
+        ours = model.generate(ids, tokenizer=tokenizer, mtp_depth=3, return_dict_in_generate=True, **calls)
+    assert torch.equal(ours.sequences, expected)
+    assert ours.mtp_stats.verify_steps > 0
+    with pytest.raises(ValueError, match="tokenizer"):
+        model.generate(ids, **calls)
+
+
+def test_token_healing_goes_to_transformers():
+    model = heads_model("ffn", seed=19)
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, token_healing=True, tokenizer=char_tokenizer(),
+                         pad_token_id=PAD, return_dict_in_generate=True)
+    assert not hasattr(out, "mtp_stats")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -434,6 +514,18 @@ def test_sequential_tree_drafts_accept_runner_ups_and_keep_the_heads_in_step(mon
         assert [step[0][1] for step in out.mtp_stats.trace] == accepted
     assert any(path and path[-1] > 0 for path in accepted_nodes), accepted_nodes  # a runner-up won
     assert any(len(path) >= 2 for path in accepted_nodes), accepted_nodes  # and chains went on
+
+
+def test_the_loop_refuses_to_run_without_a_length_limit():
+    # `generate` always passes a MaxLengthCriteria; a direct caller of the loop must too.
+    from peft_mtp.decoding.loop import speculative_generate
+    from peft_mtp.decoding.options import SpeculationOptions
+
+    model = heads_model("ffn", seed=20)
+    with pytest.raises(ValueError, match="MaxLengthCriteria"):
+        speculative_generate(model.base_model.model, torch.tensor([[3, 4, 5]]), None, StoppingCriteriaList(),
+                             GenerationConfig(do_sample=False, pad_token_id=PAD), mtp_model=model.base_model,
+                             options=SpeculationOptions())
 
 
 def test_right_padding_is_refused_with_a_fix():

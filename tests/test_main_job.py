@@ -147,3 +147,38 @@ def test_feature_layers_flag_is_parsed_into_layer_indices_or_refused_with_its_na
     with pytest.raises(ValueError, match=r"--feature_layers must be comma-separated layer indices \(e.g. 2,15\), "
                                          r"got 'two'."):
         _ = main_job.JobArguments(feature_layers="two").feature_layer_indices
+
+
+class _OracleHeads:
+    """A stand-in for a PeftModel with two MTP heads: head 1 always drafts the right token, head 2 never does."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, draft_ids: list[int], vocab_size: int = 10):
+        from types import SimpleNamespace
+
+        from peft_mtp.draft_vocab import DraftVocabulary
+
+        vocab = DraftVocabulary(len(draft_ids), vocab_size)
+        vocab.token_ids.copy_(torch.tensor(draft_ids))
+        self.base_model = SimpleNamespace(active_heads=lambda: SimpleNamespace(num_heads=2, draft_vocab=vocab))
+        self.vocab_size = vocab_size
+
+    def __call__(self, input_ids, output_mtp_logits):
+        from types import SimpleNamespace
+
+        length = input_ids.shape[1]
+        logits = torch.zeros(1, length, 2, self.vocab_size)
+        for t in range(length):
+            if t + 2 < length:
+                logits[0, t, 0, input_ids[0, t + 2]] = 1.0  # head 1 at t predicts token t+2: right
+            logits[0, t, 1, 0] = 1.0  # head 2 drafts token 0, which no answer holds
+        return SimpleNamespace(mtp_logits=logits, mtp_head_logits=None)
+
+
+def test_agreement_scores_each_head_on_the_answer_and_simulates_chained_steps():
+    result = main_job.agreement_on_token_ids(_OracleHeads(draft_ids=[1, 2, 3, 4]), [[5, 6]], [[1, 2, 3, 7]])
+    # Head 1 is scored at the 3 positions whose token 2 ahead is an answer token, head 2 at the 2 with one 3 ahead.
+    # Chained drafting from the last prompt token: two steps of 1 + 1 accepted tokens. 3 of the 4 answer tokens are
+    # in the draft vocabulary.
+    assert result == {"head_agreement": [1.0, 0.0], "tokens_per_step_simulated": 2.0, "draft_vocab_coverage": 0.75}

@@ -162,6 +162,9 @@ class SpeculativeDecoder:
         self.options = options
         self.processors = logits_processor if logits_processor is not None and len(logits_processor) else None
         self.stop = StopRules(stopping_criteria)
+        if self.stop.max_length is None:  # `generate` always adds one (`max_length` defaults to 20); others may not
+            raise ValueError("Speculative decoding needs a length limit: a `MaxLengthCriteria` among the stopping "
+                             "criteria (what `generate` makes of `max_new_tokens` or `max_length`).")
         self.config = generation_config
         self.do_sample = bool(generation_config.do_sample)
         self.streamer = streamer
@@ -189,8 +192,7 @@ class SpeculativeDecoder:
         batch, prompt_length = input_ids.shape
         pad = self.config._pad_token_tensor
         self.pad_id = int(pad.flatten()[0]) if pad is not None else 0
-        max_length = self.stop.max_length or prompt_length + 4096
-        self.sequences = input_ids.new_full((batch, max_length), self.pad_id)
+        self.sequences = input_ids.new_full((batch, self.stop.max_length), self.pad_id)
         self.sequences[:, :prompt_length] = input_ids
         self.lengths = torch.full((batch,), prompt_length, dtype=torch.long, device=device)  # padded prompt included
         mask = model_kwargs.get("attention_mask")
@@ -571,7 +573,7 @@ class SpeculativeDecoder:
     def _room(self) -> torch.Tensor:
         """How many more tokens each active row may get `(R,)`."""
         lengths = self.lengths[self.rows]
-        limit = torch.full_like(lengths, self.stop.max_length or 2**40)
+        limit = torch.full_like(lengths, self.stop.max_length)
         target = self._target_length()
         if target is not None:
             limit = limit.clamp(max=target)
@@ -592,6 +594,7 @@ class SpeculativeDecoder:
         self.done_at[rows] = torch.where(newly_done, lengths + cut, self.done_at[rows])
         # Rows finish one by one only with an eos criterion; otherwise they run on until the last one stops.
         count = cut if self.stop.finish_individually else counts
+        # Negative where a row ran on past the length the last row just stopped the batch at: it is taken back.
         count = torch.minimum(count, self._room())
         columns = lengths[:, None] + torch.arange(emitted.shape[1], device=emitted.device)[None]
         write = torch.arange(emitted.shape[1], device=emitted.device)[None] < count[:, None]

@@ -40,8 +40,9 @@ def default_tree_paths(depth: int) -> list[Path]:
     """A small tree for `depth` heads, sized for CPUs, where verifying a token costs nearly as much as a step.
 
     It keeps the top chain and adds the runner-up candidates where they pay most (near the root):
-    3 candidates for head 1, 2 for head 2 under the top candidate, then the top chain continues
-    from the two best depth-2 nodes. 4 heads give 11 nodes (12 tokens verified per step).
+    3 candidates for head 1; head 2's best two under head 1's best and its best under head 1's runner-up;
+    from depth 3 on, the top chain continues under the two best depth-2 nodes. 4 heads give 10 nodes
+    (11 tokens verified per step, the root included).
 
     Args:
         depth: number of heads to draft with (>= 1).
@@ -176,8 +177,8 @@ class DraftTree:
         for path in normalised:
             if len(path) > max_depth:
                 raise ValueError(
-                    f"`mtp_tree` path {path} has depth {len(path)}, but only {max_depth} heads draft "
-                    f"(set by `num_heads` and `mtp_depth`); shorten it or allow more depth."
+                    f"`mtp_tree` path {path} has depth {len(path)}, but the heads are only {max_depth} deep "
+                    f"(`num_heads`); shorten it."
                 )
             if len(path) > 1 and path[:-1] not in present:
                 raise ValueError(f"`mtp_tree` path {path} lacks its parent {path[:-1]}; add it to the list.")
