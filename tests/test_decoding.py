@@ -14,7 +14,7 @@ from decoding_utils import EOS, PAD, char_tokenizer, forced_drafts, heads_model,
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiny_models import ARCHITECTURES
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from peft_mtp import HEAD_TYPES
@@ -431,11 +431,24 @@ def test_a_generation_config_passed_by_position_is_honoured():
     ours = model.generate(ids, greedy_config)
     assert ours.mtp_stats.verify_steps > 0
     assert torch.equal(ours.sequences, model.generate(ids, greedy_config, mtp_speculate=False).sequences)
+
+
+def test_positional_arguments_are_named_unless_generate_takes_star_args():
+    from peft_mtp.decoding.generate import _as_keywords
+
+    def generate(inputs=None, generation_config=None, **kwargs):
+        pass
+
+    def speech_generate(*args, **kwargs):  # a few speech models override `generate` so
+        pass
+
+    assert _as_keywords(generate, (1, 2), {"a": 3}) == ((), {"inputs": 1, "generation_config": 2, "a": 3})
+    assert _as_keywords(speech_generate, (1, 2), {"a": 3}) == ((1, 2), {"a": 3})
     with pytest.raises(TypeError, match="generation_config"):
-        model.generate(ids, greedy_config, generation_config=greedy_config)
+        _as_keywords(generate, (1, 2), {"generation_config": 3})
 
 
-@pytest.mark.parametrize("where", ["argument", "generation_config", "model_default"])
+@pytest.mark.parametrize("where", ["argument", "generation_config", "model_default", "own_criterion"])
 def test_stop_strings_stop_where_plain_decoding_stops(where):
     model = heads_model("ffn", seed=18)
     tokenizer = char_tokenizer()
@@ -447,9 +460,13 @@ def test_stop_strings_stop_where_plain_decoding_stops(where):
         calls = dict(stop_strings=stop, **common)
     elif where == "generation_config":
         calls = dict(generation_config=GenerationConfig(stop_strings=stop, **common))
-    else:
+    elif where == "model_default":
         model.base_model.model.generation_config.stop_strings = stop
         calls = dict(common)
+    else:  # the caller's own StopStringCriteria replaces the one `stop_strings` asks for, as in transformers
+        early = tokenizer.decode(free[0, ids.shape[1] + 2])
+        calls = dict(stop_strings=early, stopping_criteria=StoppingCriteriaList([StopStringCriteria(tokenizer, stop)]),
+                     **common)
     expected = model.generate(ids, tokenizer=tokenizer, mtp_speculate=False, **calls)
     assert expected.shape[1] <= ids.shape[1] + 7  # the stop string did stop plain decoding
     with forced_drafts(free):

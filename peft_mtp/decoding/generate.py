@@ -48,12 +48,12 @@ def generate_with_heads(mtp_model: MTPModel, *args: Any, **kwargs: Any):
     """
     options = SpeculationOptions.pop_from(kwargs)
     model = mtp_model.model
-    kwargs = _as_keywords(model.generate, args, kwargs)
+    args, kwargs = _as_keywords(model.generate, args, kwargs)
     generation_config, reason = _reason_not_to_speculate(mtp_model, options, kwargs)
     if reason is not None:
         if options.speculate and mtp_model.active_heads() is not None:
             logger.info("generate: not speculating with the MTP heads (%s); running transformers' generate.", reason)
-        return model.generate(**kwargs)
+        return model.generate(*args, **kwargs)
 
     if generation_config.stop_strings is not None:
         # transformers drops `tokenizer` for callable `custom_generate`s, so it could not build the stop-string
@@ -63,35 +63,45 @@ def generate_with_heads(mtp_model: MTPModel, *args: Any, **kwargs: Any):
         if tokenizer is None:
             raise ValueError("`stop_strings` needs the model's tokenizer: pass `tokenizer=...` to `generate`.")
         criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
-        criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=generation_config.stop_strings))
+        if not any(type(criterion) is StopStringCriteria for criterion in criteria):
+            # As in transformers, a StopStringCriteria of the caller's own replaces the one the config asks for.
+            criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=generation_config.stop_strings))
         kwargs["stopping_criteria"] = criteria
         kwargs.pop("stop_strings", None)
         if kwargs.get("generation_config") is not None:
             kwargs["generation_config"] = copy.deepcopy(kwargs["generation_config"])
             kwargs["generation_config"].stop_strings = None
         if kwargs.get("generation_config") is None or model.generation_config.stop_strings is not None:
-            kwargs["stop_strings"] = None  # an unset field would take the model's default back
+            # An unset field would take the model's default back. Beside a `generation_config`, transformers logs
+            # that passing both is deprecated: the price of a model whose default config holds stop strings.
+            kwargs["stop_strings"] = None
 
     # transformers does not pass the streamer to callable `custom_generate`s (it only sends it the prompt):
     # bind it, with the heads and the options.
     decode = functools.partial(speculative_generate, mtp_model=mtp_model, options=options,
                                streamer=kwargs.get("streamer"))
-    return model.generate(custom_generate=decode, **kwargs)
+    return model.generate(*args, custom_generate=decode, **kwargs)
 
 
-def _as_keywords(generate, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _as_keywords(generate, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     """Arguments of transformers' `generate` given by position (`inputs`, `generation_config`, ...), as keywords.
 
-    The checks below read keywords only; a `GenerationConfig` passed second must not skip them.
+    The checks below read keywords only; a `GenerationConfig` passed second must not skip them. A `generate` that
+    takes `*args` (a few speech models override it so) names no positions: its arguments stay as they came.
+
+    Returns:
+        The positional arguments left (none when all could be named) and the keywords.
     """
-    if not args:
-        return kwargs
-    bound = inspect.signature(generate).bind_partial(*args, **kwargs)  # TypeError for an argument given twice
+    signature = inspect.signature(generate)
+    kinds = {parameter.kind for parameter in signature.parameters.values()}
+    if not args or inspect.Parameter.VAR_POSITIONAL in kinds:
+        return args, kwargs
+    bound = signature.bind_partial(*args, **kwargs)  # TypeError for an argument given twice
     arguments = dict(bound.arguments)
-    for name, parameter in bound.signature.parameters.items():
+    for name, parameter in signature.parameters.items():
         if parameter.kind is inspect.Parameter.VAR_KEYWORD:
             arguments.update(arguments.pop(name, {}))
-    return arguments
+    return (), arguments
 
 
 def _reason_not_to_speculate(mtp_model: MTPModel, options: SpeculationOptions,
