@@ -33,22 +33,6 @@ sys.path.insert(0, str(BENCHMARKS))
 sys.path.insert(0, str(BENCHMARKS.parent / "examples"))
 
 
-def greedy_answers(model, tokenizer, texts: list[str], max_new_tokens: int, batch_size: int) -> list[list[int]]:
-    """Plain greedy answers (token ids, cut after the first EOS) of chat-formatted prompts, batched."""
-    from peft_mtp.fast_linear import fast_small_row_linear
-
-    answers = []
-    for start in range(0, len(texts), batch_size):
-        encoded = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=False)
-        with fast_small_row_linear(model), torch.no_grad():
-            output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id)
-        for ids in output[:, encoded["input_ids"].shape[1]:].tolist():
-            answers.append(ids[: ids.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in ids else ids)
-    return answers
-
-
 def format_row(label: str, result: dict) -> str:
     """One markdown row: adapter, coverage, agreement per head (heads alone), simulated tokens per step."""
     agreement = " / ".join(f"{a:.3f}" for a in result["head_agreement"])
@@ -61,10 +45,11 @@ def format_row(label: str, result: dict) -> str:
 
 def main(args: argparse.Namespace) -> dict:
     from bench_decoding import WORKLOADS, adapter_labels, load_model
-    from main_job import agreement_on_token_ids
+    from main_job import agreement_on_token_ids, greedy_answers_to_texts
     from peft import PeftModel
 
     import peft_mtp  # noqa: F401  (registers the MTP method with PEFT)
+    from peft_mtp.fast_linear import fast_small_row_linear
 
     torch.set_num_threads(args.threads)
     base, tokenizer = load_model(args.model)
@@ -73,7 +58,9 @@ def main(args: argparse.Namespace) -> dict:
     report = {}
     for workload in args.workloads:
         texts = list(dict.fromkeys(WORKLOADS[workload](tokenizer, args.num_prompts)))  # `chat` cycles its 16
-        answers = greedy_answers(base, tokenizer, texts, args.max_new_tokens, args.batch_size)
+        any_model = next(iter(models.values()))  # plain greedy: the heads stay unused
+        with fast_small_row_linear(any_model):
+            answers = greedy_answers_to_texts(any_model, tokenizer, texts, args.max_new_tokens, args.batch_size)
         prompt_ids = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
         num_tokens = sum(len(answer) for answer in answers)
         print(f"\n{workload}: {len(texts)} prompts, {num_tokens} answer tokens (greedy, up to {args.max_new_tokens})")

@@ -614,12 +614,22 @@ def answer_corpus(tokenizer, data: datasets.Dataset, heads_dir: Path):
 
 def greedy_answers(model, tokenizer, prompts: datasets.Dataset, max_new_tokens: int, batch_size: int) -> list[list[int]]:
     """Plain greedy answers (token ids, EOS kept) of held-out prompts, batched with left padding."""
+    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts["messages"]]
+    return greedy_answers_to_texts(model, tokenizer, texts, max_new_tokens, batch_size)
+
+
+def greedy_answers_to_texts(model, tokenizer, texts: list[str], max_new_tokens: int, batch_size: int
+                            ) -> list[list[int]]:
+    """Plain greedy answers (token ids, EOS kept) of chat-formatted prompt texts, batched with left padding.
+
+    Args:
+        model: a PeftModel with MTP heads (they stay unused: `mtp_speculate=False`).
+    """
     answers = []
     tokenizer.padding_side = "left"
-    for start in range(0, len(prompts), batch_size):
-        rows = prompts.select(range(start, min(start + batch_size, len(prompts))))
-        texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in rows["messages"]]
-        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(model.device)
         output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, mtp_speculate=False)
         for ids in output[:, encoded["input_ids"].shape[1]:].tolist():
             answers.append(ids[: ids.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in ids else ids)
