@@ -32,6 +32,7 @@ from transformers import HfArgumentParser, PreTrainedTokenizerFast, TrainerCallb
 from trl import SFTConfig, SFTTrainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from distributed_exit import exit_distributed_launch  # noqa: E402
 from tiny_models import VOCAB_SIZE, make_model  # noqa: E402
 
 from peft_mtp import MTPConfig  # noqa: E402
@@ -151,10 +152,4 @@ if __name__ == "__main__":
     model = build_model(script_args)
     (training_args,) = HfArgumentParser(SFTConfig).parse_args_into_dataclasses(args=rest)
     main(script_args, model, training_args)
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        # Torn down by hand: left to interpreter exit, gloo's threads aborted one rank now and then ("terminate
-        # called without an active exception", SIGABRT after training had finished).
-        dist.barrier()
-        dist.destroy_process_group()
+    exit_distributed_launch()

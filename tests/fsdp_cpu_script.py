@@ -32,6 +32,7 @@ from peft import LoraConfig, get_peft_model
 from trl.trainer.utils import add_fused_lm_head
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from distributed_exit import exit_distributed_launch  # noqa: E402
 from tiny_models import VOCAB_SIZE, make_model  # noqa: E402
 
 from peft_mtp import MTPConfig  # noqa: E402
@@ -102,10 +103,6 @@ def main(args: argparse.Namespace) -> None:
         model.save_pretrained(os.path.join(args.output_dir, "final"), state_dict=state_dict)
         with open(os.path.join(args.output_dir, "result.json"), "w") as handle:
             json.dump({"losses": losses, "world_size": world_size, "wrapper": type(model).__name__}, handle, indent=1)
-    if distributed:
-        # Wait for rank 0's save: a rank tearing gloo down while its peer still runs can abort the launch.
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
@@ -119,3 +116,4 @@ if __name__ == "__main__":
     # Without a trainer, the fused path warns that metrics are not logged: expected here.
     warnings.filterwarnings("ignore", message="MTP heads are training through a fused LM head")
     main(parser.parse_args())
+    exit_distributed_launch()
