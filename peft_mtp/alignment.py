@@ -7,8 +7,6 @@ one for offsets and targets instead of writing `t + 1 + k` itself.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 IGNORE_INDEX = -100
@@ -31,7 +29,7 @@ def target_offset(k: int) -> int:
 def head_targets(
     labels: torch.Tensor,
     k: int,
-    position_ids: Optional[torch.Tensor] = None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Targets of head k at every position: `labels[:, t + 1 + k]`, or -100 where there is none.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
 from peft import LoraConfig, PeftConfig
 from peft.utils import PeftType
@@ -162,17 +162,17 @@ class MTPConfig(PeftConfig):
         default=True,
         metadata={"help": "Use the base model's frozen unembedding. False gives each head a trainable copy (large)."},
     )
-    draft_vocab_size: Optional[int] = field(
+    draft_vocab_size: int | None = field(
         default=None,
         metadata={"help": "Heads predict over this many most frequent training tokens only (cheaper heads; "
                           "decoding stays exact). None: the whole vocabulary."},
     )
     head_dropout: float = field(default=0.0, metadata={"help": "Dropout on head inputs during training."})
     cnn_kernel_size: int = field(default=4, metadata={"help": "Width of the causal convolution of `cnn` heads."})
-    mha_num_attention_heads: Optional[int] = field(
+    mha_num_attention_heads: int | None = field(
         default=None, metadata={"help": "Attention heads of `mha_ffn` heads (default: the base model's)."}
     )
-    feature_layers: Optional[list[int]] = field(
+    feature_layers: list[int] | None = field(
         default=None,
         metadata={"help": "Trunk decoder layers (0-based) whose outputs heads read beside the trunk output, fused "
                           "by a learned projection (EAGLE-3). E.g. [2, 15] on a 30-layer model. None: trunk "
@@ -186,13 +186,13 @@ class MTPConfig(PeftConfig):
     mtp_loss_weight: float = field(
         default=1.0, metadata={"help": "loss = lm_loss + mtp_loss_weight * weighted mean of the head losses."}
     )
-    head_weight_schedule: Union[str, list[float]] = field(
+    head_weight_schedule: str | list[float] = field(
         default="geometric",
         metadata={"help": "Relative weight of head k: uniform, harmonic (1/k), geometric (ratio**k) or a list of K "
                           "floats."},
     )
     head_weight_ratio: float = field(default=0.8, metadata={"help": "Ratio of the geometric head weight schedule."})
-    mtp_loss_weight_final: Optional[float] = field(
+    mtp_loss_weight_final: float | None = field(
         default=None,
         metadata={"help": "If set, the MTP weight moves from mtp_loss_weight to this value over training (e.g. "
                           "0.3 -> 0.1). None keeps it constant."},
@@ -226,13 +226,13 @@ class MTPConfig(PeftConfig):
         metadata={"help": "Head learning rate = learning_rate x this (e.g. 4 to train heads faster than a trunk "
                           "LoRA). Applied by the SFTTrainer hook."},
     )
-    lora_config: Optional[Union[LoraConfig, dict]] = field(
+    lora_config: LoraConfig | dict | None = field(
         default=None, metadata={"help": "LoRA config for the trunk, trained jointly with the heads (optional)."}
     )
-    base_architecture: Optional[str] = field(default=None, metadata={"help": "Filled in when heads are attached."})
-    base_hidden_size: Optional[int] = field(default=None, metadata={"help": "Filled in when heads are attached."})
-    base_vocab_size: Optional[int] = field(default=None, metadata={"help": "Filled in when heads are attached."})
-    target_modules: Optional[Union[list[str], str]] = field(
+    base_architecture: str | None = field(default=None, metadata={"help": "Filled in when heads are attached."})
+    base_hidden_size: int | None = field(default=None, metadata={"help": "Filled in when heads are attached."})
+    base_vocab_size: int | None = field(default=None, metadata={"help": "Filled in when heads are attached."})
+    target_modules: list[str] | str | None = field(
         default=DUMMY_TARGET_MODULES,
         metadata={"help": "Internal: MTP adds modules beside the model and replaces none of its layers."},
     )
@@ -390,7 +390,7 @@ class MTPConfig(PeftConfig):
         return output
 
 
-def _as_lora_config(value: Union[LoraConfig, dict]) -> LoraConfig:
+def _as_lora_config(value: LoraConfig | dict) -> LoraConfig:
     if isinstance(value, LoraConfig):
         return value
     if isinstance(value, dict):

@@ -7,8 +7,8 @@ requires_grad) treats the heads like any other adapter weights.
 
 from __future__ import annotations
 
-from torch import nn
 from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
 
 from .config import MTPConfig
 from .heads import MTPHeadStack

@@ -14,9 +14,9 @@ import contextlib
 import copy
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -41,7 +41,7 @@ class TrunkCapture:
         layer_outputs: `(B, T, H)` outputs of the decoder layers asked for (`feature_layers`), in their order.
     """
 
-    hidden: Optional[torch.Tensor] = None
+    hidden: torch.Tensor | None = None
     layer_kwargs: list[dict[str, Any]] = field(default_factory=list)
     layer_outputs: list[torch.Tensor] = field(default_factory=list)
 
@@ -76,7 +76,7 @@ class Trunk:
     # ----------------------------------------------------------------------------------------
     # Running the heads' share of the model
 
-    def logits(self, hidden: torch.Tensor, unembedding: Optional[nn.Module] = None) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, unembedding: nn.Module | None = None) -> torch.Tensor:
         """Logits of pre-norm hidden states, exactly as the model computes its own.
 
         Args:

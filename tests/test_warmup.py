@@ -9,10 +9,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tiny_models import VOCAB_SIZE, make_model
 
-from peft_mtp import MTPConfig
+from peft_mtp import MTPConfig, warmup
 from peft_mtp.heads import HeadContext
 from peft_mtp.loss import model_predictions
-from peft_mtp import warmup
 from peft_mtp.warmup import cache_trunk_outputs, warmup_heads
 
 HEAD_TYPES = ("ffn", "sequential", "mha_ffn")
