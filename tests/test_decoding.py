@@ -37,7 +37,8 @@ def greedy(model, ids, mask=None, **kwargs):
 # Identity with plain greedy decoding
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: the same 30 examples in every run, so that CI fails only for a change, never for a new draw.
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     head_type=st.sampled_from(HEAD_TYPES),
     num_heads=st.integers(1, 3),

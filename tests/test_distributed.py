@@ -78,8 +78,8 @@ def python(script: Path, *args: str) -> list[str]:
 
 
 def torchrun(script: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(_free_port()), str(script), *args]
+    # --standalone: the launcher binds a free port itself (a port picked here could be taken before it binds).
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args]
 
 
 def accelerate_launch(config: str, script: Path, *args: str) -> list[str]:
