@@ -66,12 +66,19 @@ class ScriptArguments:
 
 
 class PauseAfterSaveCallback(TrainerCallback):
-    """Sleep after each checkpoint is complete (`on_save` runs after `trainer_state.json` is written)."""
+    """Sleep after each checkpoint is complete (`on_save` runs after `trainer_state.json` is written).
+
+    Each process first leaves a marker, `paused-<step>-rank<N>` in the output folder: a file of the checkpoint
+    exists from the moment its write begins, so only the markers tell that every process is done writing.
+    """
 
     def __init__(self, seconds: float):
         self.seconds = seconds
 
     def on_save(self, args, state, control, **kwargs):
+        marker = os.path.join(args.output_dir, f"paused-{state.global_step}-rank{args.process_index}")
+        with open(marker, "w"):
+            pass
         time.sleep(self.seconds)
         return control
 

@@ -247,8 +247,10 @@ def test_resume_after_kill_matches_uninterrupted(joint_reference, tmp_path):
     try:
         deadline = time.monotonic() + LAUNCH_TIMEOUT
         checkpoint = tmp_path / "checkpoint-2"
-        # Rank 1 writes its own RNG state; wait for it too, so that the kill does not land in that write.
-        while not (is_complete_checkpoint(str(checkpoint)) and (checkpoint / "rng_state_1.pth").is_file()):
+        # Both processes pause after their last write of checkpoint-2 (rank 1 writes its own RNG state): the kill
+        # must not land in a write.
+        paused = [tmp_path / f"paused-2-rank{rank}" for rank in (0, 1)]
+        while not (is_complete_checkpoint(str(checkpoint)) and all(marker.is_file() for marker in paused)):
             assert process.poll() is None, f"the run exited with {process.returncode} before checkpoint-2"
             assert time.monotonic() < deadline, "no checkpoint-2 in time"
             time.sleep(0.2)
