@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 
 def exit_distributed_launch() -> None:
-    """Tear the process group down and leave without interpreter finalisation; a no-op in one process.
+    """Tear the process group down and leave without interpreter finalisation; returns in a lone process.
 
     After `destroy_process_group` the wrapped model (DDP, FSDP2) still holds gloo's process group, so
     gloo's worker threads are destroyed during interpreter finalisation, and that aborts about one launch
@@ -18,10 +18,11 @@ def exit_distributed_launch() -> None:
     describes the same finalisation crash. Every output is written and closed by now, so the process
     leaves through `os._exit`, which skips finalisation.
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    dist.barrier()  # rank 0 may still be saving: no rank leaves before it is done
-    dist.destroy_process_group()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # rank 0 may still be saving: no rank leaves before it is done
+        dist.destroy_process_group()
+    elif int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return  # one process without a process group: nothing of gloo's to outlive
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
