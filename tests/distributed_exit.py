@@ -12,10 +12,10 @@ def exit_distributed_launch() -> None:
     """Tear the process group down and leave without interpreter finalisation; returns in a lone process.
 
     After `destroy_process_group` the wrapped model (DDP, FSDP2) still holds gloo's process group, so
-    gloo's worker threads are destroyed during interpreter finalisation, and that aborts about one launch
-    in 15 on a loaded machine: "terminate called without an active exception", SIGABRT, after `main` has
-    returned on both ranks (seen in CI; located with prints around the teardown). pytorch/pytorch#179291
-    describes the same finalisation crash. Every output is written and closed by now, so the process
+    gloo's worker threads are destroyed during interpreter finalisation, and that aborts a launch now and
+    then on a loaded machine (1 in 8 beside one busy process, on 2 cores): "terminate called without an
+    active exception", SIGABRT, after `main` has returned on both ranks (seen in CI; located with prints
+    around the teardown). pytorch/pytorch#179291 describes the same finalisation crash. Every output is written and closed by now, so the process
     leaves through `os._exit`, which skips finalisation.
     """
     if dist.is_available() and dist.is_initialized():
